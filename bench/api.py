@@ -1,0 +1,127 @@
+"""The three adapter interfaces. Later families (BLIP, CLIP, BERT/LLaMA, Segmenter) implement the same ones.
+
+- ModelAdapter  (models/<family>.py): builds an architecture and describes its prunable structure.
+                The only code that knows module names.
+- TaskAdapter   (tasks/<task>.py): data layout, micro generator, loss, metrics, dummy inputs.
+- Method        (methods/<name>.py): takes a model, its structure, a task and a target ratio; returns
+                keep-masks per unit group, training the model as its paper says.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from bench.structure import Structure
+
+
+class ModelAdapter:
+    """One model family. `ARCHS` maps architecture names to config dicts (timm-style `arch` names)."""
+
+    family: str = ""
+    ARCHS: dict = {}
+    UNIT_KINDS: tuple = ()          # unit kinds the family exposes
+    MODALITIES: tuple = ("vision",)
+
+    def __init__(self, arch: str, config: dict):
+        self.arch = arch
+        self.config = dict(config)
+
+    def build(self) -> nn.Module:
+        """Randomly initialised model (honours the current default device, e.g. `meta`)."""
+        raise NotImplementedError
+
+    def structure(self, model: nn.Module, kinds=None) -> Structure:
+        """Unit groups of `model` (all kinds, or only `kinds`), with exact params per unit."""
+        raise NotImplementedError
+
+    def fix_modules(self, model: nn.Module, structure: Structure, keep: dict, options: dict) -> None:
+        """After generic slicing: fix head counts/dims, remove dropped sublayers, etc."""
+
+    def load_checkpoint(self, model: nn.Module, path: Path) -> None:
+        """Load an official checkpoint (paper profile) by mapping its key names."""
+        raise NotImplementedError
+
+    def attach_unit_masks(self, model: nn.Module, structure: Structure, kinds) -> dict:
+        """Activation masks (for search methods such as UPop): group name -> tensor of ones applied in
+        the forward. Added by the adapters that support it."""
+        raise NotImplementedError(f"{self.family} has no activation masks")
+
+
+class TaskAdapter:
+    """One task. Subclasses set `name`, `metrics` ({name: higher_is_better}) and implement the methods."""
+
+    name: str = ""
+    metrics: dict = {}
+    layout: str = ""   # the on-disk layout, shown in errors and the README
+
+    def __init__(self, settings: dict, data_root: Path, profile: str, cache_dir: Path):
+        self.settings = settings
+        self.data_root = Path(data_root)
+        self.profile = profile
+        self.cache_dir = Path(cache_dir)
+
+    def prepare(self) -> None:
+        """Make sure the data is there (micro: generate it; paper: check the layout, clear error if not)."""
+
+    def train_batches(self, batch_size: int, seed: int):
+        """Endless iterator of training batches (on CPU)."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch, device) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, split: str, device) -> dict:
+        raise NotImplementedError
+
+    def dummy_inputs(self, model_config: dict, batch_size: int, device) -> tuple:
+        """Synthetic inputs for FLOPs and throughput (the card's protocol names the shape)."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> dict:
+        """What identifies the data for caching (layout version, sizes, generator seed)."""
+        return {"task": self.name, "profile": self.profile, "settings": self.settings}
+
+
+@dataclass
+class RatioSpec:
+    label: str
+    p: float
+    meaning: str = ""
+
+
+@dataclass
+class CellContext:
+    """Everything a method may use. Methods call `train` for any training they do."""
+
+    model: nn.Module
+    adapter: ModelAdapter
+    structure: Structure
+    task: TaskAdapter
+    ratio: RatioSpec
+    options: dict
+    settings: dict                   # the profile's training budget etc.
+    device: torch.device
+    seed: int
+    train: Callable[..., dict]       # train(model, steps, lr, on_step=None, log_prefix="") -> stats
+    log: Callable[[str], None] = print
+    info: dict = field(default_factory=dict)   # what the method wants recorded (schedules, residuals...)
+
+
+class Method:
+    """A pruning method. `impl` is 'official' (matches the paper's code), 'reimpl' or 'baseline'."""
+
+    name: str = ""
+    impl: str = "reimpl"
+    finetune: bool = True            # does the runner finetune after extraction
+    description: str = ""
+
+    def prune(self, ctx: CellContext) -> dict:
+        """Return keep-masks {group name: bool tensor}. May train ctx.model in place."""
+        raise NotImplementedError
+
+    def option(self, ctx: CellContext, key: str, default: Any):
+        return ctx.options.get(key, default)

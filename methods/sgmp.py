@@ -1,1 +1,84 @@
-"""placeholder"""
+"""SGMP: structured gradual magnitude pruning with Zhu & Gupta's (2018) cubic schedule.
+
+Spec: shared/specs/gohsp_vtrans_baselines.md §4.3. One training run of the card's finetune length (the
+same number of steps SOMP finetunes, so both get equal compute). Pruning events at
+t = t0, t0+dt, ..., t0+n*dt raise the removed fraction to
+    s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (n*dt))**3,   s_i = 0, s_f = p,
+re-scoring the units still alive by magnitude and removing more of the lowest ones (no regrowth).
+Removed weights are held at zero after every optimizer step; after t0+n*dt the run goes on as the
+recovery phase. The runner then extracts the subnet (exact: the removed weights are zero) and does
+not finetune again.
+
+Options (card `method_options.sgmp`): unit_kinds, allocation, norm as SOMP; schedule from the
+profile's `sgmp` block: prune_start_epoch (t0, default 0), prune_end_fraction (fraction of the run
+by which s_f is reached, default 0.5), prune_events (n, default 10).
+"""
+from bench.api import Method
+from bench.registry import register_method
+from bench.structure import apply_param_masks, param_masks
+from methods.magnitude import method_structure, select_units, unit_scores
+
+
+def cubic_sparsity(t: int, t0: int, dt: int, n: int, s_i: float, s_f: float) -> float:
+    """Zhu & Gupta's schedule; s_i before t0 and s_f after t0 + n*dt."""
+    if t < t0:
+        return s_i
+    frac = min(1.0, (t - t0) / float(n * dt)) if n * dt > 0 else 1.0
+    return s_f + (s_i - s_f) * (1.0 - frac) ** 3
+
+
+def prune_steps(total_steps: int, steps_per_epoch: int, start_epoch: float, end_fraction: float, events: int):
+    """(t0, dt, n): events pruning events spread so that the last one is at end_fraction of the run."""
+    t0 = int(round(start_epoch * steps_per_epoch))
+    end = max(t0 + 1, int(round(end_fraction * total_steps)))
+    n = max(1, events)
+    dt = max(1, (end - t0) // n)
+    return t0, dt, n
+
+
+@register_method("sgmp")
+class SGMP(Method):
+    name = "sgmp"
+    impl = "baseline"
+    finetune = False   # the gradual run is the finetune (equal compute with SOMP)
+    description = "structured gradual magnitude pruning (cubic schedule) during training"
+
+    def prune(self, ctx):
+        st = method_structure(ctx, ("head", "ffn"))
+        norm = ctx.options.get("norm", "l2")
+        allocation = ctx.options.get("allocation", "per_type")
+        sched = dict(ctx.settings.get("sgmp") or {})
+        ft = ctx.settings["finetune"]
+        spe = ctx.task.steps_per_epoch(ft["batch_size"])
+        total = max(1, int(round(ft["epochs"] * spe)))
+        t0, dt, n = prune_steps(total, spe, sched.get("prune_start_epoch", 0), sched.get("prune_end_fraction", 0.5),
+                                sched.get("prune_events", 10))
+        event_steps = {t0 + k * dt for k in range(n + 1)}
+        keep = st.full_keep()
+        state = {"masks": None}
+        history = []
+
+        def prune_event(step):
+            s_t = cubic_sparsity(step, t0, dt, n, 0.0, ctx.ratio.p)
+            removed = {k: ~v for k, v in keep.items()}
+            new = select_units(st, unit_scores(ctx.model, st, norm), s_t, allocation, already_removed=removed)
+            keep.update(new)
+            state["masks"] = param_masks(ctx.model, st, keep)
+            history.append({"step": step, "target": round(s_t, 6),
+                            "kept_units": {k: int(sum(int(v.sum()) for g, v in keep.items() if g.endswith(k)))
+                                           for k in (":" + kk for kk in st.kinds())}})
+
+        def on_step(step, _total):
+            if step in event_steps:
+                prune_event(step)
+            if state["masks"] is not None:
+                apply_param_masks(ctx.model, state["masks"])
+
+        if t0 >= total:
+            prune_event(t0)
+        stats = ctx.train(ctx.model, on_step=on_step, **ft)
+        if cubic_sparsity(max(event_steps), t0, dt, n, 0.0, ctx.ratio.p) < ctx.ratio.p - 1e-9:
+            prune_event(max(event_steps))
+        ctx.info.update({"schedule": {"t0": t0, "dt": dt, "n": n, "total_steps": total}, "events": history,
+                         "train": stats, "options": {"unit_kinds": st.kinds(), "allocation": allocation, "norm": norm}})
+        return keep

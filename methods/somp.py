@@ -1,1 +1,32 @@
-"""placeholder"""
+"""SOMP: structured one-shot magnitude pruning (Han et al. 2016, single round), the benchmark's baseline.
+
+Spec: shared/specs/gohsp_vtrans_baselines.md §4.1-4.2. From the converged dense model, score every unit
+once by the norm of the weights it owns, remove the lowest-scoring units until the budget is met, then
+the runner extracts the subnet and finetunes it with the card's finetune budget.
+
+Options (card `method_options.somp`), each a guess of the spec made explicit:
+  unit_kinds : unit kinds to prune (default [head, ffn], GOHSP's heterogeneous structure; upop_deit uses
+               [head_dim, ffn] to match UPop's units)
+  allocation : per_type (default; one ranking per kind across layers, p of each kind's params),
+               per_layer, or global (scores divided by sqrt(params per unit))
+  norm       : l2 (default) or l1
+"""
+from bench.api import Method
+from bench.registry import register_method
+from methods.magnitude import method_structure, select_units, unit_scores
+
+
+@register_method("somp")
+class SOMP(Method):
+    name = "somp"
+    impl = "baseline"
+    finetune = True
+    description = "structured one-shot magnitude pruning + finetune"
+
+    def prune(self, ctx):
+        st = method_structure(ctx, ("head", "ffn"))
+        scores = unit_scores(ctx.model, st, ctx.options.get("norm", "l2"))
+        keep = select_units(st, scores, ctx.ratio.p, ctx.options.get("allocation", "per_type"))
+        ctx.info["options"] = {"unit_kinds": st.kinds(), "allocation": ctx.options.get("allocation", "per_type"),
+                               "norm": ctx.options.get("norm", "l2")}
+        return keep

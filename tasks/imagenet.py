@@ -1,1 +1,614 @@
-"""placeholder"""
+"""ImageNet-1k classification (DeiT / timm recipes), and its micro stand-in.
+
+Layout (the standard torchvision/timm ImageFolder layout, the one the DeiT and timm training scripts read):
+
+    <root>/train/<wnid>/*.JPEG            e.g. train/n01440764/n01440764_10026.JPEG
+    <root>/val/<wnid>/*.JPEG              e.g. val/n01440764/ILSVRC2012_val_00000293.JPEG
+
+The validation images must already be sorted into one folder per class (ImageNet ships them flat; the
+usual `valprep.sh` sorts them). Class index = position of the wnid in sorted order (ImageFolder's rule).
+
+Profiles
+- paper: `<data_root>/imagenet` (data_root = `--data-root DIR` or $BENCH_DATA); torchvision ImageFolder +
+  DataLoader with workers; train transform = timm `create_transform` (the DeiT recipe's RandAugment,
+  random erasing, bicubic), eval transform = DeiT's Resize(S/0.875) + CenterCrop(S).
+- micro: `<cache_dir>/data/imagenet_micro-<hash>`, generated on first use by `generate_micro` in exactly
+  the same layout (real JPEG files): synthetic 32x32 scenes whose class is (shape, colour family), with
+  random pose, size, clutter, distractors, noise and colour jitter. The splits are decoded once into
+  uint8 tensors; training augmentation (random resized crop + flip) runs on the whole batch with torch ops.
+"""
+from __future__ import annotations
+
+import colorsys
+import hashlib
+import json
+import math
+import os
+import shutil
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.api import TaskAdapter
+from bench.errors import BenchError, MissingData
+from bench.registry import register_task
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+LAYOUT_VERSION = 1
+GENERATOR_VERSION = 1          # bump when the micro images change: it is part of the folder hash
+DEFAULT_CROP_PCT = 0.875       # DeiT / timm eval: Resize(int(S / 0.875)) + CenterCrop(S)
+EVAL_BATCH_SIZE = 256
+
+LAYOUT = """\
+  <root>/train/<wnid>/*.JPEG     e.g. train/n01440764/n01440764_10026.JPEG
+  <root>/val/<wnid>/*.JPEG       e.g. val/n01440764/ILSVRC2012_val_00000293.JPEG
+  (val sorted into the same class folders as train, as the DeiT/timm recipes expect;
+   class index = sorted wnid order)"""
+
+MICRO_DEFAULTS = {"num_classes": 10, "train_per_class": 160, "val_per_class": 40, "image_size": 32, "seed": 1234}
+MICRO_KEYS = tuple(MICRO_DEFAULTS)
+
+SHAPES = ("circle", "square", "triangle", "cross", "ring")
+
+
+# ----------------------------------------------------------------------------------------------------
+# micro generator
+# ----------------------------------------------------------------------------------------------------
+
+def micro_wnid(c: int) -> str:
+    """ImageNet-style synset id of micro class c: n00000000, n00000001, ..."""
+    return f"n{c:08d}"
+
+
+def micro_class_spec(c: int, num_classes: int) -> tuple[str, float]:
+    """(shape, centre hue in [0, 1)) of micro class c: class = shape x colour family."""
+    n_fam = max(1, math.ceil(num_classes / len(SHAPES)))
+    shape = SHAPES[c % len(SHAPES)]
+    fam = c // len(SHAPES)
+    return shape, (0.05 + fam / n_fam) % 1.0
+
+
+def _hsv(h, s, v):
+    r, g, b = colorsys.hsv_to_rgb(h % 1.0, float(np.clip(s, 0, 1)), float(np.clip(v, 0, 1)))
+    return int(r * 255 + 0.5), int(g * 255 + 0.5), int(b * 255 + 0.5)
+
+
+def _shape_polygons(shape: str, cx: float, cy: float, r: float, angle: float):
+    """Polygons (list of point lists) and circles (cx, cy, r, filled) drawing `shape` of radius r."""
+    def rot(points):
+        ca, sa = math.cos(angle), math.sin(angle)
+        return [(cx + x * ca - y * sa, cy + x * sa + y * ca) for x, y in points]
+    if shape == "square":
+        a = r * 0.8
+        return [rot([(-a, -a), (a, -a), (a, a), (-a, a)])], []
+    if shape == "triangle":
+        return [rot([(r * math.cos(t), r * math.sin(t)) for t in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)])], []
+    if shape == "cross":
+        w = r * 0.33
+        return [rot([(-r, -w), (r, -w), (r, w), (-r, w)]), rot([(-w, -r), (w, -r), (w, r), (-w, r)])], []
+    if shape == "circle":
+        return [], [(cx, cy, r * 0.85, True)]
+    if shape == "ring":
+        return [], [(cx, cy, r, False)]
+    raise ValueError(shape)
+
+
+def _draw_shape(draw, shape, cx, cy, r, angle, color, ring_bg=None):
+    polys, circles = _shape_polygons(shape, cx, cy, r, angle)
+    for p in polys:
+        draw.polygon(p, fill=color)
+    for x, y, rr, filled in circles:
+        box = [x - rr, y - rr, x + rr, y + rr]
+        if filled:
+            draw.ellipse(box, fill=color)
+        else:
+            draw.ellipse(box, outline=color, width=max(1, int(rr * 0.38)))
+
+
+def render_micro_image(rng: np.random.Generator, c: int, num_classes: int, size: int):
+    """One synthetic scene of class c as an RGB PIL image of size x size."""
+    from PIL import Image, ImageDraw
+
+    ss = 4                                   # supersampling factor (anti-aliased edges)
+    S = size * ss
+    shape, hue = micro_class_spec(c, num_classes)
+    n_fam = max(1, math.ceil(num_classes / len(SHAPES)))
+
+    # background: smooth blotches (a coarse random grid upsampled) in low-saturation colours + a gradient
+    g = int(rng.integers(2, 5))
+    base_h = rng.random()
+    grid = np.empty((g, g, 3), np.float32)
+    for i in range(g):
+        for j in range(g):
+            grid[i, j] = _hsv(base_h + rng.normal(0, 0.08), rng.uniform(0.0, 0.45), rng.uniform(0.2, 0.85))
+    bg = Image.fromarray(grid.clip(0, 255).astype(np.uint8)).resize((S, S), Image.BICUBIC)
+    draw = ImageDraw.Draw(bg)
+
+    # clutter: thin lines and small blobs in random colours
+    for _ in range(int(rng.integers(1, 4))):
+        x0, y0, x1, y1 = rng.uniform(0, S, 4)
+        draw.line([(x0, y0), (x1, y1)], fill=_hsv(rng.random(), rng.uniform(0, 1), rng.uniform(0.2, 1)),
+                  width=int(rng.integers(1, 3) * ss))
+    # distractors: smaller shapes of any kind in any colour
+    for _ in range(int(rng.integers(0, 3))):
+        dr = rng.uniform(0.07, 0.13) * S
+        _draw_shape(draw, SHAPES[int(rng.integers(len(SHAPES)))], rng.uniform(dr, S - dr), rng.uniform(dr, S - dr),
+                    dr, rng.uniform(0, 2 * math.pi), _hsv(rng.random(), rng.uniform(0.3, 1), rng.uniform(0.3, 1)))
+
+    # the object: class shape, class colour family (hue jitter within the family), random pose and size
+    r = rng.uniform(0.2, 0.34) * S
+    margin = r * 0.7
+    cx, cy = rng.uniform(margin, S - margin, 2)
+    h = hue + rng.uniform(-0.5, 0.5) * (0.55 / n_fam)
+    color = _hsv(h, rng.uniform(0.45, 1.0), rng.uniform(0.45, 1.0))
+    _draw_shape(draw, shape, cx, cy, r, rng.uniform(0, 2 * math.pi), color)
+
+    img = bg.resize((size, size), Image.BOX)
+    # pixel noise and a global brightness/contrast jitter
+    a = np.asarray(img, np.float32)
+    a = (a - 128) * rng.uniform(0.75, 1.15) + 128 + rng.normal(0, 10)
+    a = a + rng.normal(0, 9, a.shape)
+    return Image.fromarray(a.round().clip(0, 255).astype(np.uint8))
+
+
+def generate_micro(root, num_classes: int = 10, train_per_class: int = 160, val_per_class: int = 40,
+                   image_size: int = 32, seed: int = 1234) -> Path:
+    """Write a synthetic ImageNet-layout data set into `root` (created; should be empty).
+
+    Deterministic: image i of class c in split s is drawn from numpy's Generator seeded with
+    (seed, s, c, i), so the same settings give byte-identical JPEG files.
+    """
+    root = Path(root)
+    num_classes, train_per_class, val_per_class = int(num_classes), int(train_per_class), int(val_per_class)
+    image_size, seed = int(image_size), int(seed)
+    if num_classes < 1 or train_per_class < 1 or val_per_class < 1 or image_size < 8:
+        raise BenchError(f"bad micro ImageNet settings: num_classes={num_classes}, train_per_class="
+                         f"{train_per_class}, val_per_class={val_per_class}, image_size={image_size}")
+    # ImageNet numbers its val images over all classes in a random order
+    val_ids = np.random.default_rng([seed, 2]).permutation(num_classes * val_per_class) + 1
+    for c in range(num_classes):
+        wnid = micro_wnid(c)
+        (root / "train" / wnid).mkdir(parents=True, exist_ok=True)
+        (root / "val" / wnid).mkdir(parents=True, exist_ok=True)
+        for i in range(train_per_class):
+            img = render_micro_image(np.random.default_rng([seed, 0, c, i]), c, num_classes, image_size)
+            _save_jpeg(img, root / "train" / wnid / f"{wnid}_{i}.JPEG")
+        for i in range(val_per_class):
+            img = render_micro_image(np.random.default_rng([seed, 1, c, i]), c, num_classes, image_size)
+            _save_jpeg(img, root / "val" / wnid / f"ILSVRC2012_val_{int(val_ids[c * val_per_class + i]):08d}.JPEG")
+    settings = dict(num_classes=num_classes, train_per_class=train_per_class, val_per_class=val_per_class,
+                    image_size=image_size, seed=seed)
+    classes = "\n".join(f"  {micro_wnid(c)}  {micro_class_spec(c, num_classes)[0]}, hue family "
+                        f"{c // len(SHAPES)} (centre hue {micro_class_spec(c, num_classes)[1] * 360:.0f} deg)"
+                        for c in range(num_classes))
+    (root / "README.txt").write_text(
+        "Micro ImageNet: synthetic stand-in written by tasks.imagenet.generate_micro "
+        f"(generator version {GENERATOR_VERSION}, layout version {LAYOUT_VERSION}).\n"
+        f"Settings: {json.dumps(settings, sort_keys=True)}\n"
+        "Same on-disk layout as ImageNet-1k (ImageFolder):\n" + LAYOUT + "\n"
+        "Each image: one object whose shape and colour family give the class, at a random position, size,\n"
+        "rotation and hue/saturation/brightness, on a blotchy background with lines, smaller distractor\n"
+        "shapes and pixel noise; JPEG quality 95. Not comparable with ImageNet numbers.\n"
+        f"Classes (index = sorted wnid order):\n{classes}\n")
+    return root
+
+
+def _save_jpeg(img, path: Path):
+    img.save(path, format="JPEG", quality=95)
+
+
+# ----------------------------------------------------------------------------------------------------
+# layout reading
+# ----------------------------------------------------------------------------------------------------
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def list_classes(split_dir: Path, full: bool = False) -> dict[str, list[str]]:
+    """{wnid: image file names} of one split folder. With full=False only the first image of each class
+    is listed (a cheap layout check, even for ImageNet's 1000 x 1300 files)."""
+    out = {}
+    with os.scandir(split_dir) as it:
+        for e in it:
+            if not e.is_dir():
+                continue
+            files = []
+            with os.scandir(e.path) as it2:
+                for f in it2:
+                    if _is_image(f.name) and f.is_file():
+                        files.append(f.name)
+                        if not full:
+                            break
+            out[e.name] = sorted(files)
+    return dict(sorted(out.items()))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------
+# batch-level augmentation for the in-memory micro splits
+# ----------------------------------------------------------------------------------------------------
+
+def random_resized_crop_flip(x: torch.Tensor, size: int, generator: torch.Generator,
+                             scale=(0.6, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5) -> torch.Tensor:
+    """torchvision's RandomResizedCrop(size, scale, ratio, bicubic) + RandomHorizontalFlip on a uint8 batch
+    (B, 3, H, W) -> float (B, 3, size, size) in [0, 1]. One affine grid_sample for the whole batch."""
+    B, _, H, W = x.shape
+    area = torch.empty(B).uniform_(scale[0], scale[1], generator=generator)
+    logr = torch.empty(B).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    ar = torch.exp(logr)
+    # crop width/height as fractions of the image side; clamp like torchvision's fallback (never outside)
+    w = torch.sqrt(area * ar).clamp(max=1.0)
+    h = torch.sqrt(area / ar).clamp(max=1.0)
+    u = torch.rand(B, 2, generator=generator)
+    cx = (u[:, 0] * (1 - w) + w / 2) * 2 - 1        # crop centre in [-1, 1] coordinates
+    cy = (u[:, 1] * (1 - h) + h / 2) * 2 - 1
+    flip = torch.rand(B, generator=generator) < hflip
+    sx = torch.where(flip, -w, w)
+    theta = torch.zeros(B, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, cx, h, cy
+    grid = F.affine_grid(theta, (B, 3, size, size), align_corners=False)
+    out = F.grid_sample(x.float(), grid, mode="bicubic", padding_mode="border", align_corners=False)
+    return out.clamp_(0, 255).div_(255)
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+# ----------------------------------------------------------------------------------------------------
+# the task adapter
+# ----------------------------------------------------------------------------------------------------
+
+@register_task("imagenet")
+class ImageNetTask(TaskAdapter):
+    """ImageNet-1k top-1/top-5 classification (percent). Micro profile: a generated stand-in, same layout."""
+
+    name = "imagenet"
+    metrics = {"top1": True, "top5": True}
+    layout = LAYOUT
+
+    def __init__(self, settings, data_root, profile, cache_dir):
+        super().__init__(dict(settings or {}), data_root if data_root is not None else ".", profile, cache_dir)
+        if profile not in ("micro", "paper"):
+            raise BenchError(f"imagenet: unknown profile {profile!r} (micro or paper)")
+        self._prepared = False
+        self._classes: list[str] | None = None
+        self._mem: dict = {}          # micro: decoded splits {"train": (uint8 images, labels), ...}
+        self._eval_cache: dict = {}   # micro: eval-transformed float tensors per split
+        self._mixup = None
+
+    # ---------------------------------------------------------------- settings and paths
+    @property
+    def micro_settings(self) -> dict:
+        s = {k: self.settings.get(k, v) for k, v in MICRO_DEFAULTS.items()}
+        return {k: int(v) for k, v in s.items()}
+
+    @property
+    def image_size(self) -> int:
+        if self.profile == "micro":
+            return self.micro_settings["image_size"]
+        return int(self.settings.get("image_size", 224))
+
+    @property
+    def root(self) -> Path:
+        if self.profile == "paper":
+            return self.data_root / "imagenet"
+        s = self.micro_settings
+        h = hashlib.sha256(json.dumps({**s, "generator": GENERATOR_VERSION}, sort_keys=True).encode())
+        return self.cache_dir / "data" / f"imagenet_micro-{h.hexdigest()[:10]}"
+
+    @property
+    def classes(self) -> list[str]:
+        self.prepare()
+        return list(self._classes)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    # ---------------------------------------------------------------- prepare
+    def prepare(self) -> None:
+        if self._prepared:
+            return
+        if self.profile == "micro":
+            self._prepare_micro()
+        self._check_layout()
+        self._prepared = True
+
+    def _prepare_micro(self) -> None:
+        final = self.root
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self._clean_stale_tmp(final)
+        if final.exists() and not (final / "README.txt").is_file():
+            # not written by us through the atomic rename (e.g. copied by hand and cut short): do not trust it
+            bad = final.with_name(f".{final.name}.bad-{uuid.uuid4().hex[:8]}")
+            os.replace(final, bad)
+            shutil.rmtree(bad, ignore_errors=True)
+        if final.exists():
+            return
+        tmp = final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+        try:
+            generate_micro(tmp, **self.micro_settings)
+            try:
+                os.rename(tmp, final)      # atomic: the folder appears complete or not at all
+            except OSError:
+                if not (final / "README.txt").is_file():   # not a concurrent writer that finished first
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    @staticmethod
+    def _clean_stale_tmp(final: Path, max_age_s: float = 3600.0) -> None:
+        """Remove temp folders of interrupted generations (dead process on this host, or older than an hour)."""
+        host = socket.gethostname()
+        for p in final.parent.glob(f".{final.name}.tmp-*"):
+            parts = p.name[len(final.name) + 6:].rsplit("-", 2)   # host, pid, random
+            stale = True
+            if len(parts) == 3 and parts[0] == host and parts[1].isdigit():
+                stale = not _pid_alive(int(parts[1]))
+            else:
+                try:
+                    stale = time.time() - p.stat().st_mtime > max_age_s
+                except FileNotFoundError:
+                    continue
+            if stale:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _missing(self, path: Path, what: str):
+        how = ("Point the suite at the folder that contains `imagenet/` with `--data-root DIR` or the BENCH_DATA "
+               "environment variable (the data set is never downloaded). The micro profile needs no data.")
+        return MissingData(what, path, self.layout, how)
+
+    def _check_layout(self) -> None:
+        root = self.root
+        if not root.is_dir():
+            raise self._missing(root, "ImageNet data set")
+        classes = {}
+        for split in ("train", "val"):
+            d = root / split
+            if not d.is_dir():
+                raise self._missing(d, f"ImageNet {split} split")
+            cls = list_classes(d)
+            if not cls:
+                flat = any(_is_image(n) for n in os.listdir(d))
+                if flat and split == "val":
+                    raise BenchError(
+                        f"ImageNet val images in {d} are not sorted into class folders. Sort them into "
+                        f"val/<wnid>/ (e.g. with the usual valprep.sh script). Expected layout:\n{self.layout}")
+                raise self._missing(d / "<wnid>", f"ImageNet {split} class folders with images")
+            empty = [k for k, v in cls.items() if not v]
+            if empty:
+                raise BenchError(f"ImageNet {split} class folder(s) without images in {d}: {empty[:5]}"
+                                 f"{' ...' if len(empty) > 5 else ''}. Expected layout:\n{self.layout}")
+            classes[split] = list(cls)
+        if classes["train"] != classes["val"]:
+            tr, va = set(classes["train"]), set(classes["val"])
+            raise BenchError(
+                f"ImageNet at {root}: val classes differ from train classes ({len(va)} vs {len(tr)} folders; "
+                f"only in train: {sorted(tr - va)[:5]}, only in val: {sorted(va - tr)[:5]}). The class index is "
+                f"the sorted wnid order, so both splits must have the same class folders.")
+        self._classes = classes["train"]
+
+    # ---------------------------------------------------------------- transforms
+    def eval_transform(self):
+        from torchvision import transforms as T
+        S = self.image_size
+        crop_pct = float(self.settings.get("crop_pct", DEFAULT_CROP_PCT))
+        return T.Compose([
+            T.Resize(int(S / crop_pct), interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(S),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+        ])
+
+    def train_transform(self):
+        """Per-image train transform (PIL -> tensor). The micro profile applies the same augmentation
+        batch-wise on in-memory tensors (`random_resized_crop_flip`); this is its per-image equivalent."""
+        S = self.image_size
+        if self.profile == "paper":
+            from timm.data import create_transform
+            return create_transform(S, is_training=True, auto_augment=self.settings.get("auto_augment"),
+                                    re_prob=self.settings.get("reprob", 0.0), interpolation="bicubic")
+        from torchvision import transforms as T
+        return T.Compose([
+            T.RandomResizedCrop(S, scale=tuple(self.settings.get("train_scale", (0.6, 1.0))),
+                                interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+        ])
+
+    # ---------------------------------------------------------------- data access
+    def _files(self, split: str) -> list[tuple[Path, int]]:
+        d = self.root / split
+        cls = list_classes(d, full=True)
+        idx = {c: i for i, c in enumerate(self.classes)}
+        return [(d / c / f, idx[c]) for c in cls for f in cls[c]]
+
+    def _micro_split(self, split: str):
+        """Decoded uint8 images (N, 3, H, W) and labels (N,) of a micro split, cached on the instance."""
+        if split not in self._mem:
+            from PIL import Image
+            files = self._files(split)
+            imgs, labels = [], []
+            for path, y in files:
+                with Image.open(path) as im:
+                    imgs.append(np.asarray(im.convert("RGB")))
+                labels.append(y)
+            shapes = {a.shape for a in imgs}
+            if len(shapes) != 1:
+                raise BenchError(f"micro ImageNet at {self.root}: images of different sizes {sorted(shapes)[:3]}")
+            x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
+            self._mem[split] = (x, torch.tensor(labels, dtype=torch.long))
+        return self._mem[split]
+
+    def _split_name(self, split: str) -> str:
+        if split not in ("train", "val"):
+            raise BenchError(f"imagenet has splits 'val' (the labelled evaluation split) and 'train', not {split!r}")
+        return split
+
+    @property
+    def train_size(self) -> int:
+        self.prepare()
+        if self.profile == "micro":
+            return int(self._micro_split("train")[0].shape[0])
+        return len(self._image_folder("train"))
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        """Optimizer steps in one epoch of `train_batches(batch_size, ...)` (last partial batch dropped)."""
+        return max(1, self.train_size // int(batch_size))
+
+    def _image_folder(self, split: str, transform=None):
+        from torchvision.datasets import ImageFolder
+        key = ("folder", split, transform is None)
+        if transform is not None or key not in self._eval_cache:
+            ds = ImageFolder(str(self.root / split), transform=transform)
+            if ds.classes != self.classes:
+                raise BenchError(f"ImageNet {split} classes changed on disk under {self.root}")
+            if transform is not None:
+                return ds
+            self._eval_cache[key] = ds
+        return self._eval_cache[key]
+
+    def train_batches(self, batch_size: int, seed: int):
+        """Endless iterator of (images float (B, 3, S, S) normalised, labels long (B,)) on the CPU, reshuffled
+        every epoch by a torch Generator seeded with `seed`; each epoch has `steps_per_epoch(batch_size)` batches."""
+        self.prepare()
+        if self.profile == "micro":
+            return self._micro_train_batches(int(batch_size), int(seed))
+        return self._paper_train_batches(int(batch_size), int(seed))
+
+    def _micro_train_batches(self, batch_size, seed):
+        x, y = self._micro_split("train")
+        n = x.shape[0]
+        g = torch.Generator().manual_seed(seed)
+        S = self.image_size
+        scale = tuple(self.settings.get("train_scale", (0.6, 1.0)))
+        bs = min(batch_size, n)
+        while True:
+            perm = torch.randperm(n, generator=g)
+            for i in range(0, n - bs + 1, bs):
+                idx = perm[i:i + bs]
+                imgs = random_resized_crop_flip(x[idx], S, g, scale=scale)
+                yield _normalize(imgs), y[idx]
+
+    def _paper_train_batches(self, batch_size, seed):
+        from torch.utils.data import DataLoader
+        ds = self._image_folder("train", transform=self.train_transform())
+        workers = int(self.settings.get("workers", 8))
+        g = torch.Generator().manual_seed(seed)
+        loader = DataLoader(ds, batch_size=batch_size, shuffle=True, generator=g, drop_last=len(ds) >= batch_size,
+                            num_workers=workers, pin_memory=torch.cuda.is_available(),
+                            persistent_workers=workers > 0)
+        while True:
+            yield from loader
+
+    # ---------------------------------------------------------------- loss
+    def _mixup_fn(self):
+        s = self.settings
+        mixup, cutmix = float(s.get("mixup", 0) or 0), float(s.get("cutmix", 0) or 0)
+        if mixup <= 0 and cutmix <= 0 and s.get("cutmix_minmax") is None:
+            return None
+        if self._mixup is None:
+            from timm.data import Mixup
+            self._mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, cutmix_minmax=s.get("cutmix_minmax"),
+                                prob=float(s.get("mixup_prob", 1.0)), switch_prob=float(s.get("mixup_switch_prob", 0.5)),
+                                mode=s.get("mixup_mode", "batch"), label_smoothing=float(s.get("label_smoothing", 0.0)),
+                                num_classes=self.num_classes)
+        return self._mixup
+
+    def loss(self, model: nn.Module, batch, device) -> torch.Tensor:
+        """Cross-entropy (label smoothing from settings); with mixup/cutmix settings: timm Mixup + soft-target CE."""
+        images, labels = batch
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        mix = self._mixup_fn()
+        if mix is not None and images.shape[0] % 2 == 0:
+            from timm.loss import SoftTargetCrossEntropy
+            images, targets = mix(images, labels)
+            return SoftTargetCrossEntropy()(model(images), targets)
+        return F.cross_entropy(model(images), labels, label_smoothing=float(self.settings.get("label_smoothing", 0.0)))
+
+    # ---------------------------------------------------------------- evaluation
+    def _eval_batches(self, split: str):
+        if self.profile == "micro":
+            if split not in self._eval_cache:
+                from PIL import Image
+                x, y = self._micro_split(split)
+                tf = self.eval_transform()
+                xs = torch.stack([tf(Image.fromarray(a.permute(1, 2, 0).numpy())) for a in x])
+                self._eval_cache[split] = (xs, y)
+            xs, y = self._eval_cache[split]
+            for i in range(0, xs.shape[0], EVAL_BATCH_SIZE):
+                yield xs[i:i + EVAL_BATCH_SIZE], y[i:i + EVAL_BATCH_SIZE]
+        else:
+            from torch.utils.data import DataLoader
+            ds = self._image_folder(split, transform=self.eval_transform())
+            workers = int(self.settings.get("workers", 8))
+            yield from DataLoader(ds, batch_size=EVAL_BATCH_SIZE, shuffle=False, num_workers=workers,
+                                  pin_memory=torch.cuda.is_available())
+
+    def evaluate(self, model: nn.Module, split: str = "val", device="cpu") -> dict:
+        """{"top1": %, "top5": %, "n": images} on `split` ("val"; "train" for diagnostics), eval transform."""
+        split = self._split_name(split)
+        self.prepare()
+        device = torch.device(device)
+        was_training = model.training
+        model.eval()
+        correct1 = correct5 = n = 0
+        try:
+            with torch.inference_mode():
+                for images, labels in self._eval_batches(split):
+                    images = images.to(device, non_blocking=True)
+                    labels = labels.to(device, non_blocking=True)
+                    with torch.autocast("cuda", enabled=device.type == "cuda"):
+                        logits = model(images)
+                    logits = logits.float()
+                    k = min(5, logits.shape[-1])
+                    top = logits.topk(k, dim=-1).indices
+                    hit = top == labels[:, None]
+                    correct1 += int(hit[:, 0].sum())
+                    correct5 += int(hit.any(dim=-1).sum())
+                    n += int(labels.shape[0])
+        finally:
+            model.train(was_training)
+        if n == 0:
+            raise BenchError(f"imagenet {split} split at {self.root} has no images")
+        return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "n": n}
+
+    # ---------------------------------------------------------------- measuring and caching
+    def dummy_inputs(self, model_config: dict, batch_size: int, device) -> tuple:
+        S = model_config.get("img_size", self.image_size)
+        h, w = (S, S) if isinstance(S, int) else tuple(S)
+        return (torch.randn(batch_size, model_config.get("in_chans", 3), h, w, device=device),)
+
+    def fingerprint(self) -> dict:
+        fp = {"task": self.name, "profile": self.profile, "layout_version": LAYOUT_VERSION}
+        if self.profile == "micro":
+            fp.update(generator="tasks.imagenet.generate_micro", generator_version=GENERATOR_VERSION,
+                      **self.micro_settings)
+        else:
+            fp.update(root=str(self.root.resolve()), image_size=self.image_size)
+        return fp

@@ -1,0 +1,83 @@
+"""Cell records: one JSON file per finished cell, named by the hash of the cell's resolved config.
+
+Layout under the output folder (default $BENCH_CACHE/results, or --output):
+    <output>/<table>/records/<hash>.json        one per cell, written atomically
+    <output>/<table>/cells/<hash>/manifest.json pruned model (manifest + safetensors) of that cell
+    <output>/<table>/<table>-<profile>-<precision>-<device>.csv   leaderboard CSV (rewritten after every cell)
+
+Record schema (RECORD_VERSION 1); every key is always present, values may be null:
+{
+  "record_version": 1, "hash": str, "run_id": str, "date_utc": str,
+  "status": "pass" | "fail" | "no_ref" | "error",     # vs the card's reference (error = the cell crashed)
+  "reason": str | null,                                # why fail / error
+  "table": str, "table_version": int, "profile": "micro" | "paper",
+  "task": str, "split": str,                           # the split of the primary metric
+  "model_arch": str, "model_tag": str,                 # e.g. "vit_micro", "scratch" / "official"
+  "method": str, "method_impl": "official" | "reimpl" | "baseline" | "dense",
+  "ratio_label": str, "ratio_p": float, "ratio_meaning": str, "seed": int,
+  "config": dict,                                      # the resolved cell config (hashed)
+  "metrics": {name: float},                            # e.g. {"top1": 71.3, "top5": 95.0} (percent)
+  "metric_splits": {name: split},
+  "params": {"total": int, "dense_total": int, "prunable_dense": int, "removed": int,
+             "target_removed": int, "achieved_reduction": float, "target_reduction": float},
+  "flops": {"macs": int, "dense_macs": int, "input_spec": str, "counter": str, "convention": str},
+  "speed": {"throughput_sps": float, "batch_size": int, "precision": str, "device": str,
+            "latency_ms_bs1": float, "trials": int, "iters": int} | null,
+  "memory": {"peak_mem_mb": float, "kind": str} | null,
+  "reference": {"values": {name: float}, "source": str, "tolerance": {name: str|float},
+                "checks": [{"name": str, "value": float, "paper": float, "tolerance": str|float, "ok": bool}]} | null,
+  "timings": {"dense_s": float, "prune_s": float, "finetune_s": float, "eval_s": float, "measure_s": float,
+              "total_s": float},
+  "retention": [{"group": str, "kind": str, "layer": int, "modality": str, "kept": int, "size": int}],
+  "method_info": dict,                                 # schedules, residuals... what the method logged
+  "env": {"torch": str, "timm": str, "transformers": str|null, "open_clip": str|null, "bench_version": str,
+          "git_sha": str|null, "device_name": str, "cuda": str|null, "python": str, "cpu_threads": int}
+}
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from bench.structure import write_json_atomic
+
+RECORD_VERSION = 1
+
+
+def config_hash(config: dict) -> str:
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def table_dir(output: Path, table: str) -> Path:
+    return Path(output) / table
+
+
+def record_path(output: Path, table: str, h: str) -> Path:
+    return table_dir(output, table) / "records" / f"{h}.json"
+
+
+def cell_dir(output: Path, table: str, h: str) -> Path:
+    return table_dir(output, table) / "cells" / h
+
+
+def write_record(output: Path, record: dict) -> Path:
+    path = record_path(output, record["table"], record["hash"])
+    write_json_atomic(path, record)
+    return path
+
+
+def read_record(path: Path) -> dict | None:
+    """A record that cannot be parsed (should not happen: writes are atomic) is treated as absent."""
+    try:
+        rec = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return rec if rec.get("record_version") == RECORD_VERSION else None
+
+
+def load_records(output: Path, table: str, profile: str | None = None) -> list:
+    folder = table_dir(output, table) / "records"
+    recs = [read_record(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    return [r for r in recs if r and (profile is None or r["profile"] == profile)]

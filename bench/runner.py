@@ -1,0 +1,296 @@
+"""The path of one cell (shared/DESIGN.md), in `run_cell`, and the expansion of a card into cells.
+
+A cell = (table, method, ratio, seed) under one profile. Its resolved config is hashed; a finished
+record with that hash is reused, so an interrupted run (even kill -9) resumes where it stopped.
+"""
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import functools
+import math
+import time
+import traceback
+import uuid
+from pathlib import Path
+
+import torch
+
+from bench import measure
+from bench.api import CellContext, RatioSpec
+from bench.cards import DENSE_RATIO, check_card, load_card, ratio_by_label, reference_row, within
+from bench.config import Paths
+from bench.errors import BenchError, CellFailure, UnknownName
+from bench.records import RECORD_VERSION, cell_dir, config_hash, load_records, read_record, record_path, write_record
+from bench.registry import METHODS, MODELS, TASKS
+from bench.structure import extract, kept_param_count, retention, save_manifest, write_json_atomic
+from bench.training import train
+
+RUN_ID = uuid.uuid4().hex[:12]
+
+
+def resolve_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda was asked for but torch sees no CUDA device; use --device cpu.")
+    if device not in ("cpu", "cuda"):
+        raise UnknownName("device", device, ["cpu", "cuda"])
+    return device
+
+
+def _parse_list(value, kind, known, cast=str):
+    if value in (None, ""):
+        return None
+    items = [cast(v.strip()) for v in str(value).split(",") if v.strip()]
+    for v in items:
+        if known is not None and v not in known:
+            raise UnknownName(kind, v, known)
+    return items
+
+
+def expand_cells(card: dict, profile: str, methods=None, ratios=None, seeds=None, device="cpu") -> list:
+    """The resolved config of every cell the card asks for under `profile`, filtered by the CLI lists."""
+    if profile not in card["profiles"]:
+        raise UnknownName("profile", profile, list(card["profiles"]))
+    prof = card["profiles"][profile]
+    methods = _parse_list(methods, "method", card["methods"]) or list(card["methods"])
+    labels = list(ratio_by_label(card))
+    ratio_sel = _parse_list(ratios, "ratio", labels + ["1x"]) or labels
+    seeds = _parse_list(seeds, "seed", None, int) or [0]
+    arch = prof["model"]
+    _, arch_cfg = MODELS.get(arch)
+    model_cfg = {**arch_cfg, **(prof.get("model_config") or {})}
+    throughput = {**card["protocol"]["throughput"], **(prof.get("throughput") or {})}
+    cells = []
+    for m in sorted(methods, key=lambda m: (m != "dense", card["methods"].index(m))):
+        method = METHODS.get(m)
+        rlist = [DENSE_RATIO] if m == "dense" else [ratio_by_label(card)[lab] for lab in ratio_sel if lab != "1x"]
+        for r in rlist:
+            for seed in seeds:
+                cfg = {
+                    "record_version": RECORD_VERSION,
+                    "table": card["table"], "table_version": card["version"], "profile": profile,
+                    "task": card["task"], "data": prof.get("data") or {},
+                    "metrics": card["metrics"],
+                    "model": arch, "model_config": model_cfg,
+                    "checkpoint": prof.get("checkpoint") if profile == "paper" else None,
+                    "dense_training": prof.get("dense") if profile == "micro" else None,
+                    "method": m, "method_options": (card.get("method_options") or {}).get(m, {}),
+                    "method_settings": prof.get(m) or {},
+                    "ratio": {"label": str(r["label"]), "p": float(r["p"])},
+                    "ratio_meaning": card["ratio_meaning"],
+                    "finetune": prof.get("finetune") if method.finetune or m == "sgmp" else None,
+                    "seed": seed, "device": device,
+                    "protocol": {"flops": card["protocol"]["flops"], "throughput": throughput},
+                }
+                cfg["hash"] = config_hash(cfg)
+                cfg["cell_id"] = f"{m}-{r['label']}-seed{seed}"
+                cells.append(cfg)
+    return cells
+
+
+class Session:
+    """Shared state of one run: paths, the loaded tasks and dense models (cached on disk by hash)."""
+
+    def __init__(self, paths: Paths, log=print):
+        self.paths = paths
+        self.log = log
+        self._tasks: dict = {}
+
+    def task(self, cfg):
+        key = (cfg["task"], cfg["profile"], config_hash(cfg["data"]))
+        if key not in self._tasks:
+            task_cls = TASKS.get(cfg["task"])
+            t = task_cls(cfg["data"], self.paths.data_root, cfg["profile"], self.paths.cache)
+            t.prepare()
+            self._tasks[key] = t
+        return self._tasks[key]
+
+    def dense_model(self, cfg, task, device):
+        """Micro: train from scratch once, cached by the hash of what determines it. Paper: official weights."""
+        adapter_cls, _ = MODELS.get(cfg["model"])
+        adapter = adapter_cls(cfg["model"], cfg["model_config"])
+        if cfg["profile"] == "paper":
+            model = adapter.build()
+            ckpt = Path(cfg["checkpoint"])
+            adapter.load_checkpoint(model, ckpt if ckpt.is_absolute() else self.paths.checkpoints / ckpt)
+            return adapter, model.to(device).eval(), {"dense_s": 0.0, "model_tag": "official"}
+        key = {"model": cfg["model"], "model_config": cfg["model_config"], "task": task.fingerprint(),
+               "training": cfg["dense_training"], "seed": cfg["seed"]}
+        folder = self.paths.cache / "dense" / f"{cfg['model']}-{config_hash(key)}"
+        from safetensors.torch import load_file, save_file
+        torch.manual_seed(cfg["seed"])
+        model = adapter.build()
+        if (folder / "model.safetensors").is_file():
+            model.load_state_dict(load_file(str(folder / "model.safetensors")))
+            return adapter, model.to(device).eval(), {"dense_s": 0.0, "model_tag": "scratch"}
+        self.log(f"training the dense {cfg['model']} from scratch (cached for later cells and runs)")
+        stats = train(model, task, device=device, seed=cfg["seed"], log=self.log, **cfg["dense_training"])
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / ".model.safetensors.tmp"
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        write_json_atomic(folder / "training.json", {"key": key, "stats": stats})
+        tmp.replace(folder / "model.safetensors")
+        return adapter, model.eval(), {"dense_s": stats["seconds"], "model_tag": "scratch"}
+
+
+def reuse_record(output: Path, cfg: dict):
+    rec = read_record(record_path(output, cfg["table"], cfg["hash"]))
+    if rec and rec.get("status") != "error":
+        return rec
+    return None
+
+
+def run_cell(cfg: dict, session: Session) -> dict:
+    """Run one cell end to end and write its record; exceptions become an 'error' record."""
+    t_start = time.perf_counter()
+    record = _empty_record(cfg)
+    try:
+        _run_cell(cfg, session, record)
+    except (CellFailure, BenchError) as e:
+        record.update(status="error", reason=str(e))
+    except torch.cuda.OutOfMemoryError as e:   # noqa: F841
+        record.update(status="error", reason="out of memory: " + str(e).splitlines()[0])
+    except Exception as e:  # noqa: BLE001 - a crashing cell must not stop the others
+        session.log(traceback.format_exc())
+        record.update(status="error", reason=f"{type(e).__name__}: {e}")
+    record["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
+    write_record(session.paths.output, record)
+    return record
+
+
+def _empty_record(cfg):
+    card_metrics = cfg["metrics"]
+    primary = next(m for m in card_metrics if m.get("primary"))
+    return {
+        "record_version": RECORD_VERSION, "hash": cfg["hash"], "run_id": RUN_ID,
+        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "status": None, "reason": None,
+        "table": cfg["table"], "table_version": cfg["table_version"], "profile": cfg["profile"],
+        "task": cfg["task"], "split": primary["split"], "model_arch": cfg["model"], "model_tag": None,
+        "method": cfg["method"], "method_impl": METHODS.get(cfg["method"]).impl,
+        "ratio_label": cfg["ratio"]["label"], "ratio_p": cfg["ratio"]["p"], "ratio_meaning": cfg["ratio_meaning"],
+        "seed": cfg["seed"], "config": cfg, "metrics": {}, "metric_splits": {m["name"]: m["split"] for m in card_metrics},
+        "params": None, "flops": None, "speed": None, "memory": None, "reference": None,
+        "timings": {"dense_s": 0.0, "prune_s": 0.0, "finetune_s": 0.0, "eval_s": 0.0, "measure_s": 0.0, "total_s": 0.0},
+        "retention": [], "method_info": {}, "env": measure.env_info(),
+    }
+
+
+def _run_cell(cfg, session: Session, record: dict):
+    device = torch.device(cfg["device"])
+    task = session.task(cfg)
+    adapter, model, dense_info = session.dense_model(cfg, task, device)
+    record["model_tag"] = dense_info["model_tag"]
+    record["timings"]["dense_s"] = round(dense_info["dense_s"], 3)
+    dense_params = measure.count_params(model)
+    flop_inputs = task.dummy_inputs(cfg["model_config"], 1, "cpu")
+    dense_macs = measure.count_macs(copy.deepcopy(model).cpu(), flop_inputs)["macs"]
+
+    # method: search / prune / train -> keep-masks
+    torch.manual_seed(cfg["seed"])
+    settings = {"finetune": cfg["finetune"], **({cfg["method"]: cfg["method_settings"]} if cfg["method_settings"] else {})}
+    trainer = functools.partial(train, task=task, device=device, seed=cfg["seed"], log=session.log)
+    structure = adapter.structure(model)
+    ctx = CellContext(model=model, adapter=adapter, structure=structure, task=task,
+                      ratio=RatioSpec(cfg["ratio"]["label"], cfg["ratio"]["p"], cfg["ratio_meaning"]),
+                      options=cfg["method_options"], settings=settings, device=device, seed=cfg["seed"],
+                      train=lambda m, **kw: trainer(m, **kw), log=session.log)
+    method = METHODS.get(cfg["method"])()
+    t = time.perf_counter()
+    keep = method.prune(ctx)
+    record["timings"]["prune_s"] = round(time.perf_counter() - t, 3)
+    structure = ctx.structure
+    counts = kept_param_count(model, structure, keep)
+
+    # extract -> smaller model, saved as a manifest
+    extract(model, adapter, structure, keep, cfg["method_options"].get("extract_options"))
+    record["retention"] = retention(structure, keep)
+    record["method_info"] = ctx.info
+
+    # finetune as the card says
+    if method.finetune and cfg["finetune"]:
+        t = time.perf_counter()
+        record["method_info"]["finetune"] = train(model, task, device=device, seed=cfg["seed"] + 1000,
+                                                  log=session.log, **cfg["finetune"])
+        record["timings"]["finetune_s"] = round(time.perf_counter() - t, 3)
+    save_manifest(cell_dir(session.paths.output, cfg["table"], cfg["hash"]), model, cfg["model"],
+                  cfg["model_config"], structure, keep, cfg["method_options"].get("extract_options"),
+                  extra={"table": cfg["table"], "cell": cfg["cell_id"]})
+
+    # evaluate on the card's splits (final model; no selection on the reported split)
+    t = time.perf_counter()
+    for split in dict.fromkeys(m["split"] for m in cfg["metrics"]):
+        res = task.evaluate(model, split, device)
+        for m in cfg["metrics"]:
+            if m["split"] == split:
+                record["metrics"][m["name"]] = res[m["name"]]
+    record["timings"]["eval_s"] = round(time.perf_counter() - t, 3)
+
+    # measure the extracted model
+    t = time.perf_counter()
+    total = measure.count_params(model)
+    prunable = counts["prunable_dense"]
+    target_removed = cfg["ratio"]["p"] * prunable
+    record["params"] = {"total": total, "dense_total": dense_params, "prunable_dense": prunable,
+                        "removed": dense_params - total, "target_removed": round(target_removed),
+                        "achieved_reduction": (dense_params - total) / prunable if prunable else 0.0,
+                        "target_reduction": cfg["ratio"]["p"]}
+    macs = measure.count_macs(copy.deepcopy(model).cpu(), flop_inputs)
+    record["flops"] = {"macs": macs["macs"], "dense_macs": dense_macs,
+                       "input_spec": "x".join(str(s) for s in flop_inputs[0].shape),
+                       "counter": "bench.dispatch", "convention": "fma1_attn_incl"}
+    tp = cfg["protocol"]["throughput"]
+    model.to(device).eval()
+    record["speed"] = measure.throughput(model, lambda bs, dev: task.dummy_inputs(cfg["model_config"], bs, dev),
+                                         str(device), tp["batch_size"], warmup=tp["warmup"], iters=tp["iters"],
+                                         trials=tp["trials"])
+    record["memory"] = measure.peak_memory(model, task.dummy_inputs(cfg["model_config"], tp["batch_size"], device),
+                                           str(device))
+    record["timings"]["measure_s"] = round(time.perf_counter() - t, 3)
+    _judge(cfg, record, structure, counts)
+
+
+def _judge(cfg, record, structure, counts):
+    """Status: invariants first (finite metrics, ratio reached within one unit), then the reference."""
+    problems = []
+    for k, v in record["metrics"].items():
+        if v is None or not math.isfinite(v):
+            problems.append(f"metric {k} is {v}")
+    if cfg["method"] != "dense":
+        one_unit = max((g.params_per_unit for g in structure), default=0) * max(1, len(structure.kinds()))
+        gap = abs(record["params"]["removed"] - record["params"]["target_removed"])
+        if gap > one_unit:
+            problems.append(f"removed {record['params']['removed']} params, target {record['params']['target_removed']} "
+                            f"(off by {gap} > one unit per kind = {one_unit})")
+    card = load_card(cfg["table"])
+    ref = reference_row(card, cfg["method"], cfg["ratio"]["label"], cfg["profile"])
+    checks = []
+    if ref:
+        tol = card["references"]["tolerance"]
+        got = {**record["metrics"], "params_m": record["params"]["total"] / 1e6,
+               "gflops": record["flops"]["macs"] / 1e9}
+        for k, paper in ref.items():
+            if k in ("method", "ratio", "source", "note"):
+                continue
+            ok = within(got[k], paper, tol[k])
+            checks.append({"name": k, "value": got[k], "paper": paper, "tolerance": tol[k], "ok": ok})
+        record["reference"] = {"values": {k: v for k, v in ref.items() if k not in ("method", "ratio", "source", "note")},
+                               "source": ref.get("source") or card["references"]["source"],
+                               "tolerance": tol, "checks": checks}
+    bad = [c for c in checks if not c["ok"]]
+    if problems or bad:
+        record["status"] = "fail"
+        record["reason"] = "; ".join(problems + [f"{c['name']} {c['value']:.4g} vs paper {c['paper']} (tol {c['tolerance']})"
+                                                 for c in bad])
+    else:
+        record["status"] = "pass" if checks else "no_ref"
+
+
+def table_records(card, paths: Paths, profile: str) -> list:
+    return load_records(paths.output, card["table"], profile)
+
+
+def load_checked_card(name: str) -> dict:
+    return check_card(load_card(name))

@@ -1,0 +1,88 @@
+"""What SOMP, SGMP (and later GOHSP's baselines) share: magnitude scores of unit groups and budgeted
+selection. Spec: shared/specs/gohsp_vtrans_baselines.md §4.1."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bench.errors import BenchError
+from bench.structure import Structure
+
+ALLOCATIONS = ("per_type", "per_layer", "global")
+
+
+@torch.no_grad()
+def unit_scores(model, structure: Structure, norm: str = "l2") -> dict:
+    """Per group: the norm of all the weights each unit owns, concatenated over its slices."""
+    if norm not in ("l1", "l2"):
+        raise BenchError(f"norm must be 'l1' or 'l2', got {norm!r}")
+    params = dict(model.named_parameters())
+    out = {}
+    for g in structure:
+        acc = torch.zeros(g.size, dtype=torch.float64)
+        for s in g.slices:
+            t = params[s.param].detach().to("cpu", torch.float64)
+            t = t.movedim(s.dim, 0).reshape(*s.view, -1)          # (view..., rest)
+            t = t.movedim(s.axis, 0).reshape(g.size, -1)          # (units, everything else)
+            acc += t.abs().sum(1) if norm == "l1" else t.pow(2).sum(1)
+        out[g.name] = acc if norm == "l1" else acc.sqrt()
+    return out
+
+
+def select_units(structure: Structure, scores: dict, p: float, allocation: str = "per_type",
+                 already_removed: dict | None = None) -> dict:
+    """Keep-masks that remove the lowest-scoring units until a fraction `p` of the parameters is gone.
+
+    per_type  : one global ranking per unit kind across all layers; each kind loses p of its params.
+    per_layer : every group loses p of its params.
+    global    : one ranking over all kinds, scores divided by sqrt(params per unit) (spec §4.1).
+    The best unit of every group is never removed (min_keep). `already_removed` units stay removed
+    (SGMP: no regrowth) and count toward the budget. The count picked is the one whose removed params
+    are closest to the target, so the achieved ratio is within one unit of the requested one."""
+    if allocation not in ALLOCATIONS:
+        raise BenchError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    already_removed = already_removed or {}
+    if allocation == "per_type":
+        pools = [[g for g in structure if g.kind == k] for k in structure.kinds()]
+    elif allocation == "per_layer":
+        pools = [[g] for g in structure]
+    else:
+        pools = [list(structure)]
+    keep = {g.name: torch.ones(g.size, dtype=torch.bool) for g in structure}
+    for pool in pools:
+        total = sum(g.size * g.params_per_unit for g in pool)
+        target = p * total
+        fixed, cand = 0, []   # removed already; candidates (score, params, group, index)
+        for g in pool:
+            gone = already_removed.get(g.name)
+            gone = torch.zeros(g.size, dtype=torch.bool) if gone is None else gone.bool()
+            s = scores[g.name].double()
+            if allocation == "global":
+                s = s / math.sqrt(max(1, g.params_per_unit))
+            order = torch.argsort(s, descending=True)
+            protected = set(order[: g.min_keep].tolist())
+            for i in range(g.size):
+                if gone[i]:
+                    keep[g.name][i] = False
+                    fixed += g.params_per_unit
+                elif i not in protected:
+                    cand.append((float(s[i]), g.params_per_unit, g.name, i))
+        cand.sort(key=lambda c: c[0])
+        removed, best_k, best_err = fixed, 0, abs(target - fixed)
+        for k, c in enumerate(cand, 1):
+            removed += c[1]
+            if abs(target - removed) < best_err:
+                best_k, best_err = k, abs(target - removed)
+            if removed > target:
+                break
+        for c in cand[:best_k]:
+            keep[c[2]][c[3]] = False
+    return keep
+
+
+def method_structure(ctx, default_kinds) -> Structure:
+    kinds = ctx.options.get("unit_kinds", list(default_kinds))
+    st = ctx.adapter.structure(ctx.model, kinds)
+    ctx.structure = st
+    return st

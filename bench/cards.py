@@ -8,6 +8,7 @@ checks all of it without running anything.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import yaml
@@ -20,15 +21,22 @@ PROFILES = ("micro", "paper")
 EXTRA_REFERENCE_KEYS = {"params_m", "gflops"}   # reference columns that are not task metrics
 
 
+def table_dirs() -> list:
+    """bench/tables/ plus the folders in BENCH_TABLES (os.pathsep-separated) for one's own cards."""
+    extra = [Path(p).expanduser() for p in os.environ.get("BENCH_TABLES", "").split(os.pathsep) if p]
+    return [TABLES_DIR] + extra
+
+
 def table_names() -> list:
-    return sorted(p.stem for p in TABLES_DIR.glob("*.yaml"))
+    return sorted({p.stem for d in table_dirs() for p in d.glob("*.yaml")})
 
 
 def card_path(name: str) -> Path:
-    path = TABLES_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise UnknownName("table", name, table_names())
-    return path
+    for d in table_dirs():
+        path = d / f"{name}.yaml"
+        if path.is_file():
+            return path
+    raise UnknownName("table", name, table_names())
 
 
 def load_card(name: str) -> dict:

@@ -130,10 +130,17 @@ def cmd_run(args):
     from bench.runner import expand_cells, load_checked_card, resolve_device
 
     card = load_checked_card(args.table)
-    # fail fast on bad names before pytest starts
-    expand_cells(card, args.profile, args.methods, args.ratios, args.seeds, resolve_device(args.device))
+    # fail fast on bad names, missing data or checkpoints before pytest starts (nothing is written)
+    cells = expand_cells(card, args.profile, args.methods, args.ratios, args.seeds, resolve_device(args.device))
+    if args.profile == "paper":
+        from bench.config import Paths
+        from bench.runner import Session
+        session = Session(Paths.resolve(args.data_root, args.checkpoints, args.cache, args.output))
+        session.task(cells[0])
+        session.check_checkpoint(cells[0])
     pargs = [str(card_path(args.table)), "-p", "no:cacheprovider", "--noconftest", "-v", "--tb=short",
              "--rootdir", str(Path(card_path(args.table)).parent), "-o", "console_output_style=classic",
+             "-W", "ignore::pytest.PytestAssertRewriteWarning",
              "--bench-profile", args.profile, "--bench-seeds", args.seeds, "--bench-device", args.device]
     for opt, val in (("--bench-methods", args.methods), ("--bench-ratios", args.ratios),
                      ("--bench-output", args.output), ("--bench-data-root", args.data_root),

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from bench import report
-from bench.cards import TABLES_DIR, load_card
+from bench.cards import load_card, table_dirs
 from bench.config import Paths
 from bench.records import load_records, table_dir
 from bench.runner import Session, expand_cells, load_checked_card, resolve_device, reuse_record, run_cell
@@ -43,6 +43,9 @@ def pytest_configure(config):
     config._bench_paths = Paths.resolve(config.getoption("--bench-data-root"), config.getoption("--bench-checkpoints"),
                                         config.getoption("--bench-cache"), config.getoption("--bench-output"))
     config._bench_session = None
+    from bench.registry import METHODS
+    for m in METHODS.names():   # every method is a marker: -m somp
+        config.addinivalue_line("markers", f"{m}: cells of method {m}")
 
 
 def _session(config):
@@ -57,7 +60,7 @@ def _session(config):
 
 
 def pytest_collect_file(file_path: Path, parent):
-    if file_path.suffix == ".yaml" and file_path.parent.resolve() == TABLES_DIR.resolve():
+    if file_path.suffix == ".yaml" and file_path.parent.resolve() in {d.resolve() for d in table_dirs()}:
         return CardFile.from_parent(parent, path=file_path)
     return None
 

@@ -20,7 +20,7 @@ from bench import measure
 from bench.api import CellContext, RatioSpec
 from bench.cards import DENSE_RATIO, check_card, load_card, ratio_by_label, reference_row, within
 from bench.config import Paths
-from bench.errors import BenchError, CellFailure, UnknownName
+from bench.errors import BenchError, CellFailure, MissingData, UnknownName
 from bench.records import RECORD_VERSION, cell_dir, config_hash, load_records, read_record, record_path, write_record
 from bench.registry import METHODS, MODELS, TASKS
 from bench.structure import extract, kept_param_count, retention, save_manifest, write_json_atomic
@@ -107,14 +107,26 @@ class Session:
             self._tasks[key] = t
         return self._tasks[key]
 
+    def checkpoint_path(self, cfg) -> Path:
+        ckpt = Path(cfg["checkpoint"])
+        return ckpt if ckpt.is_absolute() else self.paths.checkpoints / ckpt
+
+    def check_checkpoint(self, cfg) -> None:
+        path = self.checkpoint_path(cfg)
+        if not path.is_file():
+            raise MissingData(f"official checkpoint of {cfg['model']}", path,
+                              f"  {self.paths.checkpoints}/{cfg['checkpoint']}",
+                              "Put the released file there, or point --checkpoints DIR (or BENCH_CHECKPOINTS) at "
+                              "the folder that holds it. Nothing is downloaded at run time.")
+
     def dense_model(self, cfg, task, device):
         """Micro: train from scratch once, cached by the hash of what determines it. Paper: official weights."""
         adapter_cls, _ = MODELS.get(cfg["model"])
         adapter = adapter_cls(cfg["model"], cfg["model_config"])
         if cfg["profile"] == "paper":
+            self.check_checkpoint(cfg)
             model = adapter.build()
-            ckpt = Path(cfg["checkpoint"])
-            adapter.load_checkpoint(model, ckpt if ckpt.is_absolute() else self.paths.checkpoints / ckpt)
+            adapter.load_checkpoint(model, self.checkpoint_path(cfg))
             return adapter, model.to(device).eval(), {"dense_s": 0.0, "model_tag": "official"}
         key = {"model": cfg["model"], "model_config": cfg["model_config"], "task": task.fingerprint(),
                "training": cfg["dense_training"], "seed": cfg["seed"]}
@@ -188,6 +200,8 @@ def _run_cell(cfg, session: Session, record: dict):
     flop_inputs = task.dummy_inputs(cfg["model_config"], 1, "cpu")
     dense_macs = measure.count_macs(copy.deepcopy(model).cpu(), flop_inputs)["macs"]
 
+    dense_copy = copy.deepcopy(model).cpu() if cfg["method"] != "dense" else None   # for paired timing
+
     # method: search / prune / train -> keep-masks
     torch.manual_seed(cfg["seed"])
     settings = {"finetune": cfg["finetune"], **({cfg["method"]: cfg["method_settings"]} if cfg["method_settings"] else {})}
@@ -243,13 +257,37 @@ def _run_cell(cfg, session: Session, record: dict):
                        "counter": "bench.dispatch", "convention": "fma1_attn_incl"}
     tp = cfg["protocol"]["throughput"]
     model.to(device).eval()
-    record["speed"] = measure.throughput(model, lambda bs, dev: task.dummy_inputs(cfg["model_config"], bs, dev),
-                                         str(device), tp["batch_size"], warmup=tp["warmup"], iters=tp["iters"],
-                                         trials=tp["trials"])
+    record["speed"] = paired_throughput(model, None if cfg["method"] == "dense" else dense_copy,
+                                        lambda bs, dev: task.dummy_inputs(cfg["model_config"], bs, dev), str(device), tp)
     record["memory"] = measure.peak_memory(model, task.dummy_inputs(cfg["model_config"], tp["batch_size"], device),
                                            str(device))
     record["timings"]["measure_s"] = round(time.perf_counter() - t, 3)
     _judge(cfg, record, structure, counts)
+
+
+def paired_throughput(model, dense, make_inputs, device: str, tp: dict) -> dict:
+    """Throughput of `model`; with `dense` given, the two are timed in alternation (one trial each,
+    `trials` times) so both see the same machine state, and the median ratio is the measured speedup."""
+    kw = dict(warmup=tp["warmup"], iters=tp["iters"], trials=1)
+    runs, dense_runs = [], []
+    if dense is not None:
+        dense.to(device).eval()
+    for _ in range(tp["trials"]):
+        if dense is not None:
+            dense_runs.append(measure.throughput(dense, make_inputs, device, tp["batch_size"], **kw))
+        runs.append(measure.throughput(model, make_inputs, device, tp["batch_size"], **kw))
+    med = lambda xs: sorted(xs)[len(xs) // 2]   # noqa: E731
+    out = dict(runs[0])
+    out["trials"] = tp["trials"]
+    out["trials_sps"] = [r["throughput_sps"] for r in runs]
+    out["throughput_sps"] = med(out["trials_sps"])
+    out["latency_ms_bs1"] = med([r["latency_ms_bs1"] for r in runs])
+    if dense is not None:
+        out["dense_trials_sps"] = [r["throughput_sps"] for r in dense_runs]
+        out["dense_throughput_sps"] = med(out["dense_trials_sps"])
+        out["speedup_measured"] = med([a["throughput_sps"] / b["throughput_sps"] for a, b in zip(runs, dense_runs)])
+        dense.cpu()
+    return out
 
 
 def _judge(cfg, record, structure, counts):

@@ -58,6 +58,9 @@ MICRO_DEFAULTS = {"num_classes": 10, "train_per_class": 160, "val_per_class": 40
 MICRO_KEYS = tuple(MICRO_DEFAULTS)
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring")
+# difficulty of the micro scenes (part of the generator: change GENERATOR_VERSION with them)
+MICRO_SCENE = dict(obj_radius=(0.2, 0.34), n_lines=(1, 3), n_distractors=(0, 2), distractor_radius=(0.07, 0.13),
+                   hue_spread=0.55, noise=9.0, bg_sat=0.45, shapes=SHAPES, margin=(0.7, 0.0))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -71,9 +74,10 @@ def micro_wnid(c: int) -> str:
 
 def micro_class_spec(c: int, num_classes: int) -> tuple[str, float]:
     """(shape, centre hue in [0, 1)) of micro class c: class = shape x colour family."""
-    n_fam = max(1, math.ceil(num_classes / len(SHAPES)))
-    shape = SHAPES[c % len(SHAPES)]
-    fam = c // len(SHAPES)
+    shapes = MICRO_SCENE["shapes"]
+    n_fam = max(1, math.ceil(num_classes / len(shapes)))
+    shape = shapes[c % len(shapes)]
+    fam = c // len(shapes)
     return shape, (0.05 + fam / n_fam) % 1.0
 
 
@@ -118,10 +122,11 @@ def render_micro_image(rng: np.random.Generator, c: int, num_classes: int, size:
     """One synthetic scene of class c as an RGB PIL image of size x size."""
     from PIL import Image, ImageDraw
 
+    P = MICRO_SCENE
     ss = 4                                   # supersampling factor (anti-aliased edges)
     S = size * ss
     shape, hue = micro_class_spec(c, num_classes)
-    n_fam = max(1, math.ceil(num_classes / len(SHAPES)))
+    n_fam = max(1, math.ceil(num_classes / len(P["shapes"])))
 
     # background: smooth blotches (a coarse random grid upsampled) in low-saturation colours + a gradient
     g = int(rng.integers(2, 5))
@@ -129,26 +134,26 @@ def render_micro_image(rng: np.random.Generator, c: int, num_classes: int, size:
     grid = np.empty((g, g, 3), np.float32)
     for i in range(g):
         for j in range(g):
-            grid[i, j] = _hsv(base_h + rng.normal(0, 0.08), rng.uniform(0.0, 0.45), rng.uniform(0.2, 0.85))
+            grid[i, j] = _hsv(base_h + rng.normal(0, 0.08), rng.uniform(0.0, P['bg_sat']), rng.uniform(0.2, 0.85))
     bg = Image.fromarray(grid.clip(0, 255).astype(np.uint8)).resize((S, S), Image.BICUBIC)
     draw = ImageDraw.Draw(bg)
 
     # clutter: thin lines and small blobs in random colours
-    for _ in range(int(rng.integers(1, 4))):
+    for _ in range(int(rng.integers(P['n_lines'][0], P['n_lines'][1] + 1))):
         x0, y0, x1, y1 = rng.uniform(0, S, 4)
         draw.line([(x0, y0), (x1, y1)], fill=_hsv(rng.random(), rng.uniform(0, 1), rng.uniform(0.2, 1)),
                   width=int(rng.integers(1, 3) * ss))
     # distractors: smaller shapes of any kind in any colour
-    for _ in range(int(rng.integers(0, 3))):
-        dr = rng.uniform(0.07, 0.13) * S
+    for _ in range(int(rng.integers(P['n_distractors'][0], P['n_distractors'][1] + 1))):
+        dr = rng.uniform(*P['distractor_radius']) * S
         _draw_shape(draw, SHAPES[int(rng.integers(len(SHAPES)))], rng.uniform(dr, S - dr), rng.uniform(dr, S - dr),
                     dr, rng.uniform(0, 2 * math.pi), _hsv(rng.random(), rng.uniform(0.3, 1), rng.uniform(0.3, 1)))
 
     # the object: class shape, class colour family (hue jitter within the family), random pose and size
-    r = rng.uniform(0.2, 0.34) * S
-    margin = r * 0.7
+    r = rng.uniform(*P['obj_radius']) * S
+    margin = r * P['margin'][0] + P['margin'][1] * S
     cx, cy = rng.uniform(margin, S - margin, 2)
-    h = hue + rng.uniform(-0.5, 0.5) * (0.55 / n_fam)
+    h = hue + rng.uniform(-0.5, 0.5) * (P['hue_spread'] / n_fam)
     color = _hsv(h, rng.uniform(0.45, 1.0), rng.uniform(0.45, 1.0))
     _draw_shape(draw, shape, cx, cy, r, rng.uniform(0, 2 * math.pi), color)
 
@@ -156,7 +161,7 @@ def render_micro_image(rng: np.random.Generator, c: int, num_classes: int, size:
     # pixel noise and a global brightness/contrast jitter
     a = np.asarray(img, np.float32)
     a = (a - 128) * rng.uniform(0.75, 1.15) + 128 + rng.normal(0, 10)
-    a = a + rng.normal(0, 9, a.shape)
+    a = a + rng.normal(0, P['noise'], a.shape)
     return Image.fromarray(a.round().clip(0, 255).astype(np.uint8))
 
 

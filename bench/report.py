@@ -1,0 +1,813 @@
+"""Reporting: leaderboard CSV, paper-style tables (terminal / Markdown / CSV / LaTeX), plots, retention.
+
+Inputs are a table card (the dict of `yaml.safe_load(card file)`) and cell records (the JSON dicts of
+`bench.records`, one per (method, ratio, seed)). Nothing here runs a model.
+
+Aggregation: the records of one (table, profile, method, ratio_label) are one *cell*; its seeds are
+averaged (mean, sample standard deviation, seed list). The dense values (metric_dense, gmacs_dense,
+the throughput of speedup_measured) come from the records with method "dense" of the same table and
+profile. A record whose cell crashed (status "error") counts in the seed list and makes the status
+"error"; its missing numbers are left out of the means.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import re
+import statistics
+from collections import Counter
+from pathlib import Path
+
+# Fixed column order of the leaderboard CSV (shared/specs/anchors.md §3.4). Never reorder: append.
+LEADERBOARD_COLUMNS = [
+    # identity
+    "table_id", "table_version", "profile", "task", "split", "model_arch", "model_tag", "method", "method_impl",
+    # compression
+    "ratio_label", "ratio_p", "target_param_reduction", "achieved_param_reduction", "params_m", "params_dense_m",
+    "prunable_params_m",
+    # compute
+    "gmacs", "gmacs_dense", "macs_reduction", "flop_counter", "flop_convention", "flop_input_spec",
+    # quality
+    "metric", "metric_value", "metric_dense", "metric_delta", "higher_is_better", "n_seeds", "metric_std", "seed_list",
+    # reference
+    "paper_value", "paper_source", "tolerance", "status",
+    # speed
+    "throughput_sps", "tput_batch_size", "latency_ms_bs1", "speedup_measured", "speedup_theoretical", "precision",
+    "peak_mem_mb",
+    # provenance
+    "device_name", "torch", "timm", "transformers", "open_clip", "bench_version", "git_sha", "run_id", "date_utc",
+]
+
+STATUS_WORDS = {"pass": "PASSED", "fail": "FAILED", "no_ref": "NO-REF", "error": "ERROR"}
+DEFAULT_METRIC_TOLERANCE = 0.5
+REIMPL_SENTENCE = ("Rows marked (reimpl) are re-implementations written for this suite, not the authors' code; "
+                   "a gap to the paper may come from the re-implementation.")
+
+
+# ---------------------------------------------------------------------------------------------
+# card helpers (the card is a plain dict)
+
+def card_metrics(card: dict) -> list[dict]:
+    """The card's metrics as dicts {name, split, higher_is_better, primary}, in card order."""
+    out = []
+    for m in card.get("metrics") or []:
+        if isinstance(m, str):
+            m = {"name": m}
+        m = dict(m)
+        m.setdefault("higher_is_better", True)
+        out.append(m)
+    return out
+
+
+def primary_metric(card: dict) -> dict | None:
+    ms = card_metrics(card)
+    for m in ms:
+        if m.get("primary"):
+            return m
+    return ms[0] if ms else None
+
+
+def card_ratios(card: dict) -> list[dict]:
+    """The card's ratios as [{label, p}] (accepts a list of dicts or a {label: {p: ...}} mapping)."""
+    r = card.get("ratios") or []
+    if isinstance(r, dict):
+        return [{"label": str(k), "p": (v or {}).get("p")} for k, v in r.items()]
+    return [{"label": str(x["label"]), "p": x.get("p")} for x in r]
+
+
+def card_references(card: dict) -> dict:
+    return card.get("references") or card.get("reference") or {}
+
+
+def card_tolerance(card: dict, name: str, default=None):
+    """The card's tolerance for `name` (a metric, "params_m", "gflops"/"gmacs"), as written in the card."""
+    tol = card_references(card).get("tolerance") or {}
+    if name in tol:
+        return tol[name]
+    aliases = {"gmacs": "gflops", "gflops": "gmacs"}
+    if name in aliases and aliases[name] in tol:
+        return tol[aliases[name]]
+    return default
+
+
+def parse_tolerance(tol) -> tuple[float, bool] | None:
+    """A card tolerance -> (value, relative). A number is absolute in the metric's unit; "1%" is relative."""
+    if tol is None or tol == "":
+        return None
+    if isinstance(tol, bool):
+        raise ValueError(f"not a tolerance: {tol!r}")
+    if isinstance(tol, (int, float)):
+        return float(tol), False
+    s = str(tol).strip()
+    if s.endswith("%"):
+        return float(s[:-1]) / 100.0, True
+    return float(s), False
+
+
+def tolerance_abs(tol, reference: float) -> float | None:
+    """The tolerance in the metric's unit around `reference` (relative ones scale with |reference|)."""
+    parsed = parse_tolerance(tol)
+    if parsed is None:
+        return None
+    value, relative = parsed
+    return abs(reference) * value if relative else value
+
+
+def format_tolerance(tol) -> str:
+    if tol is None:
+        return ""
+    if isinstance(tol, (int, float)) and not isinstance(tol, bool):
+        return f"{tol:g}"
+    return str(tol).strip()
+
+
+def _ref_rows(card: dict) -> list[dict]:
+    return list(card_references(card).get("rows") or [])
+
+
+def _card_reference_values(card: dict, profile: str, method: str, ratio_label: str) -> dict:
+    """Paper numbers of the card for a cell (only when the card's references apply to that profile)."""
+    refs = card_references(card)
+    if refs.get("profile", "paper") != profile:
+        return {}
+    for row in _ref_rows(card):
+        if row.get("method") != method:
+            continue
+        if method == "dense" or str(row.get("ratio")) == str(ratio_label):
+            return {k: v for k, v in row.items() if k not in ("method", "ratio")}
+    return {}
+
+
+# ---------------------------------------------------------------------------------------------
+# aggregation of records into cells
+
+def _get(d, *keys):
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def _num(x):
+    if x is None or isinstance(x, bool):
+        return None
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x
+
+
+def _mean(values):
+    vals = [v for v in (_num(x) for x in values) if v is not None]
+    if not vals:
+        return None
+    if any(math.isnan(v) for v in vals):
+        return float("nan")
+    return statistics.fmean(vals)
+
+
+def _std(values):
+    vals = [v for v in (_num(x) for x in values) if v is not None]
+    if len(vals) < 2 or any(math.isnan(v) for v in vals):
+        return None
+    return statistics.stdev(vals)
+
+
+def _first(values):
+    for v in values:
+        if v is not None:
+            return v
+    return None
+
+
+def _ratio(a, b):
+    a, b = _num(a), _num(b)
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def _joined(values) -> str | None:
+    seen = []
+    for v in values:
+        if v is not None and str(v) not in seen:
+            seen.append(str(v))
+    return ";".join(seen) if seen else None
+
+
+def _card_order(card: dict):
+    methods = list(card.get("methods") or [])
+    if "dense" in methods:
+        methods.remove("dense")
+    methods.insert(0, "dense")
+    ratio_index = {r["label"]: i for i, r in enumerate(card_ratios(card))}
+
+    def key(cell):
+        m = cell["method"]
+        mi = methods.index(m) if m in methods else len(methods)
+        p = _num(cell["ratio_p"])
+        return (cell["profile"], mi, m, p if p is not None else math.inf,
+                ratio_index.get(cell["ratio_label"], len(ratio_index)), str(cell["ratio_label"]))
+    return key
+
+
+def _metric_names(card: dict, records) -> list[str]:
+    names = [m["name"] for m in card_metrics(card)]
+    if names:
+        return names
+    seen = []
+    for r in records:
+        for k in r.get("metrics") or {}:
+            if k not in seen:
+                seen.append(k)
+    return seen
+
+
+def _checks_status(recs: list, relevant) -> tuple[str, list]:
+    """Status of a set of seed records, looking only at checks for which relevant(name) holds.
+    error if any seed errored, else fail if any (relevant) check failed, else pass if any check ran,
+    else no_ref. A record marked "fail" without check details counts as failed."""
+    if any(r.get("status") == "error" for r in recs):
+        return "error", []
+    failed, ran = [], False
+    for r in recs:
+        checks = [c for c in (_get(r, "reference", "checks") or []) if relevant(c.get("name"))]
+        if checks:
+            ran = True
+            failed += [c for c in checks if not c.get("ok")]
+        elif r.get("status") == "fail" and not (_get(r, "reference", "checks") or []):
+            failed.append({"name": None, "reason": r.get("reason")})
+    if failed:
+        return "fail", failed
+    return ("pass" if ran else "no_ref"), []
+
+
+def _aggregate(card: dict, records) -> list[dict]:
+    """Records -> cells (one per table/profile/method/ratio), in card order."""
+    table = card.get("table")
+    records = [r for r in records if r and (table is None or r.get("table") == table)]
+    groups: dict = {}
+    for r in records:
+        groups.setdefault((r.get("profile"), r.get("method"), str(r.get("ratio_label"))), []).append(r)
+    metric_names = _metric_names(card, records)
+
+    dense_by_profile = {prof: recs for (prof, meth, _), recs in groups.items() if meth == "dense"}
+
+    def speed_key(r):
+        s = r.get("speed") or {}
+        return (s.get("device"), s.get("precision"), s.get("batch_size"), _get(r, "env", "device_name"))
+
+    cells = []
+    for (profile, method, label), recs in groups.items():
+        recs = sorted(recs, key=lambda r: (r.get("seed") is None, r.get("seed") or 0, r.get("date_utc") or ""))
+        by_date = sorted(recs, key=lambda r: r.get("date_utc") or "")
+        ok = [r for r in recs if r.get("status") != "error"]
+        dense = [r for r in dense_by_profile.get(profile, []) if r.get("status") != "error"]
+        cell = {
+            "profile": profile, "method": method, "ratio_label": label, "records": recs,
+            "table_id": _first(r.get("table") for r in recs),
+            "table_version": _first(r.get("table_version") for r in recs) or card.get("version"),
+            "task": _first(r.get("task") for r in recs) or card.get("task"),
+            "split": _first(r.get("split") for r in recs),
+            "model_arch": _first(r.get("model_arch") for r in recs),
+            "model_tag": _first(r.get("model_tag") for r in recs),
+            "method_impl": _first(r.get("method_impl") for r in recs),
+            "ratio_p": _first(r.get("ratio_p") for r in recs),
+            "seeds": [r.get("seed") for r in recs],
+        }
+        if method == "dense" and cell["ratio_p"] is None:
+            cell["ratio_p"] = 0.0
+        # compression
+        cell["target_param_reduction"] = _first(_get(r, "params", "target_reduction") for r in recs)
+        cell["achieved_param_reduction"] = _mean(_get(r, "params", "achieved_reduction") for r in ok)
+        total = _mean(_get(r, "params", "total") for r in ok)
+        dense_total = _mean(_get(r, "params", "total") for r in dense) or _mean(
+            _get(r, "params", "dense_total") for r in recs)
+        prunable_dense = _mean(_get(r, "params", "prunable_dense") for r in recs)
+        removed = _mean(_get(r, "params", "removed") for r in ok)
+        cell["params_m"] = total / 1e6 if total is not None else None
+        cell["params_dense_m"] = dense_total / 1e6 if dense_total is not None else None
+        cell["prunable_params_m"] = ((prunable_dense - (removed or 0.0)) / 1e6
+                                     if prunable_dense is not None and (removed is not None or method == "dense")
+                                     else None)
+        if cell["achieved_param_reduction"] is None and method == "dense" and ok:
+            cell["achieved_param_reduction"] = 0.0
+        # compute
+        macs = _mean(_get(r, "flops", "macs") for r in ok)
+        dense_macs = _mean(_get(r, "flops", "macs") for r in dense) or _mean(
+            _get(r, "flops", "dense_macs") for r in recs)
+        cell["gmacs"] = macs / 1e9 if macs is not None else None
+        cell["gmacs_dense"] = dense_macs / 1e9 if dense_macs is not None else None
+        cell["macs_reduction"] = (1.0 - macs / dense_macs) if macs is not None and dense_macs else None
+        cell["speedup_theoretical"] = _ratio(dense_macs, macs)
+        cell["flop_counter"] = _first(_get(r, "flops", "counter") for r in recs)
+        cell["flop_convention"] = _first(_get(r, "flops", "convention") for r in recs)
+        cell["flop_input_spec"] = _first(_get(r, "flops", "input_spec") for r in recs)
+        # speed: the most common (device, precision, batch) among the seeds
+        sp = [r for r in ok if r.get("speed")]
+        if sp:
+            common = Counter(speed_key(r) for r in sp).most_common(1)[0][0]
+            sp = [r for r in sp if speed_key(r) == common]
+        cell["throughput_sps"] = _mean(_get(r, "speed", "throughput_sps") for r in sp)
+        cell["tput_batch_size"] = _first(_get(r, "speed", "batch_size") for r in sp)
+        cell["latency_ms_bs1"] = _mean(_get(r, "speed", "latency_ms_bs1") for r in sp)
+        cell["precision"] = _first(_get(r, "speed", "precision") for r in sp)
+        cell["speed_device"] = _first(_get(r, "speed", "device") for r in sp)
+        cell["speed_trials"] = _first(_get(r, "speed", "trials") for r in sp)
+        # prefer the speedup measured in the cell itself (dense and pruned timed in alternation, so both
+        # see the same machine state); otherwise the ratio to the dense record's throughput
+        paired = _mean(_get(r, "speed", "speedup_measured") for r in sp)
+        dsp = [r for r in dense if r.get("speed") and sp and speed_key(r) == speed_key(sp[0])]
+        cell["speedup_measured"] = paired if paired is not None else _ratio(
+            cell["throughput_sps"], _mean(_get(r, "speed", "throughput_sps") for r in dsp))
+        peaks = [v for v in (_num(_get(r, "memory", "peak_mem_mb")) for r in ok) if v is not None]
+        cell["peak_mem_mb"] = max(peaks) if peaks else None
+        # provenance: distinct values in date order (seeds may come from different runs)
+        cell["device_name"] = _joined(_get(r, "env", "device_name") for r in by_date)
+        for k in ("torch", "timm", "transformers", "open_clip", "bench_version", "git_sha"):
+            cell[k] = _joined(_get(r, "env", k) for r in by_date)
+        cell["run_id"] = _joined(r.get("run_id") for r in by_date)
+        cell["date_utc"] = _first(r.get("date_utc") for r in reversed(by_date))
+        # quality, per metric
+        card_m = {m["name"]: m for m in card_metrics(card)}
+        cell["metrics"] = {}
+        for name in metric_names:
+            vals = [_get(r, "metrics", name) for r in ok]
+            value = _mean(vals)
+            dvalue = _mean(_get(r, "metrics", name) for r in dense)
+            ref_vals = {}
+            for r in recs:
+                ref_vals = _get(r, "reference", "values") or {}
+                if name in ref_vals:
+                    break
+            paper = ref_vals.get(name)
+            source = _first(_get(r, "reference", "source") for r in recs)
+            tol = _first((_get(r, "reference", "tolerance") or {}).get(name) for r in recs)
+            if paper is None:
+                paper = _card_reference_values(card, profile, method, label).get(name)
+                if paper is not None:
+                    source = source or card_references(card).get("source")
+            if tol is None:
+                tol = card_tolerance(card, name)
+            others = set(metric_names) - {name}
+            status, failed = _checks_status(recs, lambda n, others=others: n not in others)
+            cell["metrics"][name] = {
+                "value": value, "std": _std(vals), "n": sum(1 for v in vals if _num(v) is not None),
+                "dense": dvalue,
+                "delta": (value - dvalue) if value is not None and dvalue is not None else None,
+                "higher_is_better": card_m.get(name, {}).get("higher_is_better"),
+                "split": _first(_get(r, "metric_splits", name) for r in recs) or card_m.get(name, {}).get("split")
+                or cell["split"],
+                "paper": paper, "source": source if paper is not None else None, "tolerance": tol,
+                "status": status,
+            }
+        cell["status"], cell["failed_checks"] = _checks_status(recs, lambda n: True)
+        cell["reason"] = _short_reason(cell, card)
+        cells.append(cell)
+    cells.sort(key=_card_order(card))
+    return cells
+
+
+def _short_reason(cell: dict, card: dict, width: int = 80) -> str | None:
+    """The short reason shown next to FAILED / ERROR: the crash message, or the failed checks."""
+    multi = len(cell["records"]) > 1
+    if cell["status"] == "error":
+        errs = [r for r in cell["records"] if r.get("status") == "error"]
+        text = _first(r.get("reason") for r in errs) or "the cell crashed"
+        if multi:
+            text = f"seed {errs[0].get('seed')}: {text}"
+    elif cell["status"] == "fail":
+        parts = []
+        for r in cell["records"]:
+            seed = f"seed {r.get('seed')}: " if multi else ""
+            checks = _get(r, "reference", "checks") or []
+            if r.get("status") == "fail" and not checks:
+                parts.append(seed + (r.get("reason") or "failed"))
+            for c in checks:
+                if c.get("ok"):
+                    continue
+                v, p = _num(c.get("value")), _num(c.get("paper"))
+                if v is not None and p is not None:
+                    known = {m["name"] for m in card_metrics(card)}
+                    d = _metric_decimals(card, c["name"]) if c.get("name") in known else None
+                    parts.append(f"{seed}{c['name']} {_fmt(v, d)} vs {_fmt(p, d)} "
+                                 f"(tol {format_tolerance(c.get('tolerance'))})")
+                else:
+                    parts.append(f"{seed}{c.get('name')} off")
+                seed = ""
+        text = "; ".join(dict.fromkeys(parts)) or _first(r.get("reason") for r in cell["records"]) or "failed"
+    else:
+        return None
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# leaderboard CSV
+
+def leaderboard_rows(card: dict, records) -> list[dict]:
+    """One row per (profile, method, ratio, metric), keys exactly LEADERBOARD_COLUMNS, Python values
+    (None where unknown). Seeds are aggregated: mean, sample std (n >= 2), ";"-joined seed list."""
+    rows = []
+    for cell in _aggregate(card, records):
+        for name, m in cell["metrics"].items():
+            row = {c: None for c in LEADERBOARD_COLUMNS}
+            for k in LEADERBOARD_COLUMNS:
+                if k in cell:
+                    row[k] = cell[k]
+            row.update({
+                "split": m["split"], "metric": name, "metric_value": m["value"], "metric_dense": m["dense"],
+                "metric_delta": m["delta"], "higher_is_better": m["higher_is_better"], "n_seeds": m["n"],
+                "metric_std": m["std"], "seed_list": ";".join(str(s) for s in cell["seeds"] if s is not None),
+                "paper_value": m["paper"], "paper_source": m["source"],
+                "tolerance": format_tolerance(m["tolerance"]) or None, "status": m["status"],
+            })
+            rows.append(row)
+    return rows
+
+
+def _csv_value(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return f"{v:.10g}"
+    return str(v)
+
+
+def _atomic_write_bytes(path, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def leaderboard_csv_text(card: dict, records) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(LEADERBOARD_COLUMNS)
+    for row in leaderboard_rows(card, records):
+        w.writerow([_csv_value(row[c]) for c in LEADERBOARD_COLUMNS])
+    return buf.getvalue()
+
+
+def write_leaderboard_csv(card: dict, records, path) -> Path:
+    """Write the leaderboard CSV atomically (temp file + os.replace): header = LEADERBOARD_COLUMNS."""
+    return _atomic_write_bytes(path, leaderboard_csv_text(card, records).encode())
+
+
+def sanitize(name) -> str:
+    """A file-name-safe token: lower case, runs of other characters -> "_" (e.g. "NVIDIA H100 80GB HBM3"
+    -> "nvidia_h100_80gb_hbm3")."""
+    s = re.sub(r"[^a-z0-9.]+", "_", str(name).lower()).strip("_.")
+    return s or "unknown"
+
+
+def leaderboard_filename(card: dict, records) -> str:
+    """`<table>-<profile>-<precision>-<device>.csv` (timm style; the most common values of the records)."""
+    table = card.get("table") or _first(r.get("table") for r in records) or "table"
+    recs = [r for r in records if r and (card.get("table") is None or r.get("table") == card.get("table"))]
+
+    def common(values, default):
+        c = Counter(v for v in values if v)
+        return c.most_common(1)[0][0] if c else default
+
+    profile = common((r.get("profile") for r in recs), "micro")
+    prec = common((_get(r, "speed", "precision") for r in recs), "unknown")
+    device = common((_get(r, "env", "device_name") or _get(r, "speed", "device") for r in recs), "unknown")
+    return f"{sanitize(table)}-{sanitize(profile)}-{sanitize(prec)}-{sanitize(device)}.csv"
+
+
+# ---------------------------------------------------------------------------------------------
+# paper-style table
+
+def _decimals_of(x) -> int:
+    s = repr(float(x))
+    return len(s.split(".")[1].rstrip("0")) if "." in s and "e" not in s else 2
+
+
+def _metric_decimals(card: dict, name: str) -> int:
+    """As many decimals as the paper gives for this metric (1..3), 2 if the card has none."""
+    ds = [_decimals_of(row[name]) for row in _ref_rows(card) if _num(row.get(name)) is not None]
+    return min(3, max(1, max(ds))) if ds else 2
+
+
+def _fmt(x, decimals=None) -> str:
+    x = _num(x)
+    if x is None:
+        return "-"
+    if math.isnan(x):
+        return "nan"
+    if decimals is not None:
+        return f"{x:.{decimals}f}"
+    a = abs(x)
+    if a >= 1000:
+        return f"{x:.0f}"
+    if a >= 100:
+        return f"{x:.1f}"
+    if a >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3g}"
+
+
+def _method_name(cell: dict) -> str:
+    return f"{cell['method']} (reimpl)" if cell.get("method_impl") == "reimpl" else str(cell["method"])
+
+
+def _status_text(cell: dict) -> str:
+    word = STATUS_WORDS.get(cell["status"], str(cell["status"]).upper())
+    return f"{word}: {cell['reason']}" if cell.get("reason") else word
+
+
+def _table_cells(card: dict, cells: list, pm: str) -> tuple[list, list]:
+    metrics = [m["name"] for m in card_metrics(card)] or (list(cells[0]["metrics"]) if cells else [])
+    multi = len({c["profile"] for c in cells}) > 1
+    header = (["Profile"] if multi else []) + ["Method", "Ratio"] + metrics + [
+        "Params M", "GFLOPs", "Throughput/s", "Speedup meas./FLOPs", "Status"]
+    body = []
+    for c in cells:
+        row = ([str(c["profile"])] if multi else []) + [_method_name(c), str(c["ratio_label"])]
+        for name in metrics:
+            m = c["metrics"].get(name) or {}
+            d = _metric_decimals(card, name)
+            if _num(m.get("value")) is None:
+                row.append("-")
+                continue
+            s = _fmt(m["value"], d)
+            if m.get("std") is not None and (m.get("n") or 0) > 1:
+                s += f" {pm} {_fmt(m['std'], d)}"
+            if c["method"] != "dense" and m.get("delta") is not None:
+                s += f" ({m['delta']:+.{d}f})"
+            row.append(s)
+        p = _fmt(c["params_m"])
+        if c["method"] != "dense" and _num(c["achieved_param_reduction"]) is not None:
+            p += f" (-{100 * c['achieved_param_reduction']:.1f}%)"
+        g = _fmt(c["gmacs"])
+        if c["method"] != "dense" and _num(c["macs_reduction"]) is not None:
+            g += f" (-{100 * c['macs_reduction']:.1f}%)"
+        meas = f"{c['speedup_measured']:.2f}x" if _num(c["speedup_measured"]) is not None else "-"
+        theo = f"{c['speedup_theoretical']:.2f}x" if _num(c["speedup_theoretical"]) is not None else "-"
+        row += [p, g, _fmt(c["throughput_sps"]), f"{meas} / {theo}", _status_text(c)]
+        body.append(row)
+    return header, body
+
+
+def _footnotes(card: dict, cells: list) -> tuple[list, list, list]:
+    """(heading lines, reference table (header, rows) or None, other lines)."""
+    refs = card_references(card)
+    ref_profile = refs.get("profile", "paper")
+    metric_names = [m["name"] for m in card_metrics(card)]
+    ref_header, ref_body = None, []
+    rows = _ref_rows(card)
+    if rows:
+        extra = [k for k in ("params_m", "gflops") if any(k in r for r in rows)]
+        cols = [n for n in metric_names if any(n in r for r in rows)] + extra
+        ref_header = ["Method", "Ratio"] + cols
+        dec = {k: min(3, max([1] + [_decimals_of(r[k]) for r in rows if _num(r.get(k)) is not None])) for k in cols}
+        for r in rows:
+            ref_body.append([str(r.get("method")), str(r.get("ratio", ""))] +
+                            [(_fmt(r[k], dec[k]) if _num(r.get(k)) is not None else "-") for k in cols])
+    lines = []
+    profiles = sorted({str(c["profile"]) for c in cells})
+    if rows:
+        head = f"Paper reference ({refs.get('source', 'source not given')}), for the {ref_profile} profile"
+        tol = refs.get("tolerance") or {}
+        if tol:
+            head += "; tolerance " + ", ".join(f"{k} {format_tolerance(v)}" for k, v in tol.items())
+        if profiles and ref_profile not in profiles:
+            head += f"; not compared with the {'/'.join(profiles)} rows above"
+        head += ":"
+    else:
+        head = "No paper reference numbers in this card."
+    notes = []
+    for n in card.get("notes") or []:
+        notes.append(f"Note: {' '.join(str(n).split())}")
+    if card.get("ratio_meaning"):
+        notes.append(f"Ratio: {' '.join(str(card['ratio_meaning']).split())}")
+    notes.append("Params: all parameters of the deployed model, in millions; in parentheses the achieved "
+                 "reduction of the prunable parameters. GFLOPs: multiply-accumulates / 1e9 (one MAC = one FLOP), "
+                 "in parentheses the reduction vs dense. Metric deltas in parentheses are vs the dense row.")
+    speeds = Counter()
+    for c in cells:
+        if _num(c["throughput_sps"]) is not None:
+            dev = c["device_name"] or c["speed_device"] or "unknown device"
+            speeds[(dev, c["precision"] or "unknown precision", c["tput_batch_size"], c["speed_trials"])] += 1
+    for (dev, prec, bs, trials), _ in speeds.most_common():
+        t = f", median of {trials} trials" if trials else ""
+        notes.append(f"Throughput: samples/s on {dev}, {prec}, batch size {bs}{t}. Speedup: measured throughput "
+                     f"ratio vs dense / FLOPs ratio dense/pruned.")
+    if not speeds:
+        notes.append("Throughput: not measured.")
+    if any(c.get("method_impl") == "reimpl" for c in cells):
+        notes.append(REIMPL_SENTENCE)
+    return [head], ((ref_header, ref_body) if ref_header else None), notes
+
+
+_TEXT_COLUMNS = ("Method", "Ratio", "Profile", "Status", "layer", "modality")
+
+
+def _aligned(header, body) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header] + body) for i in range(len(header))]
+
+    def line(r):
+        out = []
+        for i, (v, w) in enumerate(zip(r, widths)):
+            left = i == 0 or header[i] in _TEXT_COLUMNS
+            out.append(str(v).ljust(w) if left else str(v).rjust(w))
+        return "  ".join(out).rstrip()
+    return [line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in body]
+
+
+def _md_table(header, body) -> list[str]:
+    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    align = ["---" if h in ("Method", "Ratio", "Profile", "Status") else "---:" for h in header]
+    return (["| " + " | ".join(esc(h) for h in header) + " |", "| " + " | ".join(align) + " |"] +
+            ["| " + " | ".join(esc(v) for v in r) + " |" for r in body])
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def latex_escape(s) -> str:
+    s = "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(s))
+    return s.replace("±", r"$\pm$")
+
+
+def _latex_table(header, body) -> list[str]:
+    spec = "".join("l" if h in ("Method", "Ratio", "Profile", "Status") else "r" for h in header)
+    out = [r"\begin{tabular}{" + spec + "}", r"\toprule",
+           " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule"]
+    out += [" & ".join(latex_escape(v) for v in r) + r" \\" for r in body]
+    out += [r"\bottomrule", r"\end{tabular}"]
+    return out
+
+
+def render_table(card: dict, records, fmt: str = "terminal") -> str:
+    """The paper-style table of a card's records: fmt is "terminal", "md", "csv" or "latex"."""
+    if fmt not in ("terminal", "md", "csv", "latex"):
+        raise ValueError(f"unknown table format {fmt!r}: use terminal, md, csv or latex")
+    cells = _aggregate(card, records)
+    header, body = _table_cells(card, cells, "±")
+    head, ref, notes = _footnotes(card, cells)
+    title = card.get("title") or card.get("table") or ""
+    profiles = "/".join(sorted({str(c["profile"]) for c in cells})) or "no records"
+    title = f"{title} [{card.get('table')} v{card.get('version', '?')}, profile {profiles}]"
+    if fmt == "terminal":
+        out = [title, ""] + _aligned(header, body) + ["", *head]
+        if ref:
+            out += ["  " + l for l in _aligned(*ref)]
+        out += [""] + notes
+    elif fmt == "md":
+        out = [f"**{title}**", ""] + _md_table(header, body) + ["", *head]
+        if ref:
+            out += [""] + _md_table(*ref)
+        out += [""] + [f"- {n}" for n in notes]
+    elif fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(header)
+        w.writerows(body)
+        out = [buf.getvalue().rstrip("\n"), f"# {title}", *(f"# {h}" for h in head)]
+        if ref:
+            out += ["# " + ", ".join(ref[0])] + ["# " + ", ".join(r) for r in ref[1]]
+        out += [f"# {n}" for n in notes]
+    else:
+        out = [f"% {title}"] + _latex_table(header, body) + ["", r"\smallskip", r"{\footnotesize"]
+        out += [latex_escape(h) + r"\\" for h in head]
+        if ref:
+            out += _latex_table(*ref) + [r"\\"]
+        out += [latex_escape(n) + r"\\" for n in notes] + ["}"]
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# plot
+
+def plot(card: dict, records, path) -> Path:
+    """PNG, two panels: primary metric vs params (M) and vs GFLOPs; one line per method sorted by
+    ratio (error bars = std over seeds), starting from the dense model (black star, dotted level);
+    the card's paper references (x, dashed, same colour as the method) when they apply to the profile."""
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    pm = primary_metric(card)
+    cells = _aggregate(card, records)
+    name = pm["name"] if pm else (next(iter(cells[0]["metrics"])) if cells and cells[0]["metrics"] else "metric")
+    split, unit = (pm or {}).get("split"), (pm or {}).get("unit")
+    ylabel = f"{name}" + (f" on {split}" if split else "") + (f" ({unit})" if unit else "")
+    profiles = list(dict.fromkeys(c["profile"] for c in cells))
+    multi = len(profiles) > 1
+    refs = card_references(card)
+    ref_rows = _ref_rows(card) if refs.get("profile", "paper") in profiles else []
+
+    cycle = matplotlib.rcParams["axes.prop_cycle"].by_key().get("color") or ["C0", "C1", "C2", "C3"]
+    colors: dict = {"dense": "black"}
+    for m in [c["method"] for c in cells] + [r.get("method") for r in ref_rows]:
+        if m not in colors:
+            colors[m] = cycle[(len(colors) - 1) % len(cycle)]
+
+    series: dict = {}
+    for c in cells:
+        label = _method_name(c) + (f" [{c['profile']}]" if multi else "")
+        series.setdefault((c["profile"], c["method"], label), []).append(c)
+    dense_cells = {c["profile"]: c for c in cells if c["method"] == "dense"}
+
+    fig = Figure(figsize=(11, 4.4), dpi=110)
+    FigureCanvasAgg(fig)  # the Agg backend, without touching pyplot's global state
+    axes = fig.subplots(1, 2)
+    for ax, xkey, rkey, xlabel in ((axes[0], "params_m", "params_m", "Params (M)"),
+                                   (axes[1], "gmacs", "gflops", "GFLOPs (GMACs, 1 MAC = 1 FLOP)")):
+        for (profile, method, label), cs in series.items():
+            pts = sorted(((_num(c[xkey]), _num(c["metrics"].get(name, {}).get("value")),
+                           _num(c["metrics"].get(name, {}).get("std")) or 0.0, _num(c["ratio_p"]) or 0.0)
+                          for c in cs), key=lambda t: t[3])
+            pts = [t for t in pts if t[0] is not None and t[1] is not None]
+            if not pts:
+                continue
+            xs, ys, errs = [t[0] for t in pts], [t[1] for t in pts], [t[2] for t in pts]
+            if method == "dense":
+                ax.plot(xs, ys, linestyle="none", marker="*", markersize=14, color="black", label=label, zorder=5)
+                ax.axhline(ys[0], color="black", linestyle=":", linewidth=0.8)
+                continue
+            d = dense_cells.get(profile)
+            dx = _num(d[xkey]) if d else None
+            dy = _num(d["metrics"].get(name, {}).get("value")) if d else None
+            if dx is not None and dy is not None:   # each curve starts at the dense model
+                ax.plot([dx, xs[0]], [dy, ys[0]], color=colors[method], linestyle=":", linewidth=1)
+            ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", color=colors[method], label=label,
+                        capsize=3)
+        by_method: dict = {}
+        for r in ref_rows:
+            if _num(r.get(rkey)) is not None and _num(r.get(name)) is not None:
+                by_method.setdefault(r.get("method"), []).append((float(r[rkey]), float(r[name])))
+        for m, pts in by_method.items():
+            pts.sort()
+            ax.plot([t[0] for t in pts], [t[1] for t in pts], linestyle="--" if len(pts) > 1 else "none",
+                    marker="x", markersize=8, color=colors.get(m, "gray"), alpha=0.7, label=f"{m} (paper)")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    title = card.get("title") or card.get("table") or ""
+    fig.suptitle(f"{title} [{'/'.join(map(str, profiles)) or 'no records'}]")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return _atomic_write_bytes(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------
+# retention
+
+def retention_table(record: dict) -> str:
+    """Per layer (and modality), the fraction of units kept for each unit kind: "0.75 (48/64)".
+    Groups without a layer (e.g. the hidden width) are shown as layer "-"; a last row sums each kind."""
+    ret = record.get("retention") or []
+    if not ret:
+        return "no retention data (dense model or the cell did not finish)\n"
+    kinds = list(dict.fromkeys(g.get("kind") for g in ret))
+    modalities = list(dict.fromkeys(g.get("modality") for g in ret))
+    multi = len(modalities) > 1
+    acc: dict = {}
+    totals = {k: [0, 0] for k in kinds}
+    for g in ret:
+        key = (g.get("modality"), g.get("layer"))
+        cell = acc.setdefault(key, {}).setdefault(g.get("kind"), [0, 0])
+        cell[0] += int(g.get("kept") or 0)
+        cell[1] += int(g.get("size") or 0)
+        totals[g.get("kind")][0] += int(g.get("kept") or 0)
+        totals[g.get("kind")][1] += int(g.get("size") or 0)
+
+    def frac(ks):
+        return f"{ks[0] / ks[1]:.2f} ({ks[0]}/{ks[1]})" if ks and ks[1] else "-"
+
+    order = sorted(acc, key=lambda k: (modalities.index(k[0]), k[1] is None, k[1] if k[1] is not None else 0))
+    header = (["modality"] if multi else []) + ["layer"] + [str(k) for k in kinds]
+    body = []
+    for mod, layer in order:
+        body.append(([str(mod)] if multi else []) + ["-" if layer is None else str(layer)] +
+                    [frac(acc[(mod, layer)].get(k)) for k in kinds])
+    body.append(([""] if multi else []) + ["all"] + [frac(totals[k]) for k in kinds])
+    title = (f"Retention (fraction of units kept): {record.get('method')} {record.get('ratio_label')} "
+             f"seed {record.get('seed')}")
+    lines = [title] + _aligned(header, body)
+    return "\n".join(lines) + "\n"

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
 
 def cmd_ls(args):
     from bench.cards import load_card, table_names
-    from bench.registry import METHODS, MODEL_FAMILIES, MODELS, TASKS
+    from bench.registry import METHODS, MODELS, TASKS
 
     if args.kind not in LS_KINDS:
         raise UnknownName("list", args.kind, LS_KINDS)
@@ -102,7 +102,6 @@ def cmd_ls(args):
         for n in MODELS.names():
             cls, cfg = MODELS.get(n)
             print(f"{n:28s} family {cls.family}; unit kinds {', '.join(cls.UNIT_KINDS)}")
-        del MODEL_FAMILIES
 
 
 def cmd_validate(args):

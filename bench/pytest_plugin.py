@@ -146,6 +146,8 @@ def _write_outputs(config, table):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if config.option.collectonly:
+        return
     for table, card in config._bench_tables.items():
         recs = _write_outputs(config, table)
         if not recs:

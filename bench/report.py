@@ -583,7 +583,6 @@ def _footnotes(card: dict, cells: list) -> tuple[list, list, list]:
         for r in rows:
             ref_body.append([str(r.get("method")), str(r.get("ratio", ""))] +
                             [(_fmt(r[k], dec[k]) if _num(r.get(k)) is not None else "-") for k in cols])
-    lines = []
     profiles = sorted({str(c["profile"]) for c in cells})
     if rows:
         head = f"Paper reference ({refs.get('source', 'source not given')}), for the {ref_profile} profile"

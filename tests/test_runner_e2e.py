@@ -21,6 +21,8 @@ def tiny_env(tmp_path):
     card.pop("_path")
     card["table"] = "tiny_deit"
     card["ratios"] = card["ratios"][:4:3]      # 1.11x and 1.67x
+    labels = {r["label"] for r in card["ratios"]} | {"1x"}
+    card["references"]["rows"] = [r for r in card["references"]["rows"] if r["ratio"] in labels]
     micro = card["profiles"]["micro"]
     micro["data"] = {"num_classes": 4, "train_per_class": 24, "val_per_class": 8, "image_size": 32, "seed": 7}
     micro["dense"] = {"epochs": 2, "lr": 2.0e-3, "batch_size": 32}

@@ -609,8 +609,8 @@ def _footnotes(card: dict, cells: list) -> tuple[list, list, list]:
             speeds[(dev, c["precision"] or "unknown precision", c["tput_batch_size"], c["speed_trials"])] += 1
     for (dev, prec, bs, trials), _ in speeds.most_common():
         t = f", median of {trials} trials" if trials else ""
-        notes.append(f"Throughput: samples/s on {dev}, {prec}, batch size {bs}{t}. Speedup: measured throughput "
-                     f"ratio vs dense / FLOPs ratio dense/pruned.")
+        notes.append(f"Throughput: samples/s on {dev}, {prec}, batch size {bs}{t}. Speedup: measured "
+                     f"throughput ratio vs dense (timed in alternation within the cell) / FLOPs ratio dense/pruned.")
     if not speeds:
         notes.append("Throughput: not measured.")
     if any(c.get("method_impl") == "reimpl" for c in cells):

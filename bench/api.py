@@ -109,6 +109,7 @@ class CellContext:
     train: Callable[..., dict]       # train(model, steps, lr, on_step=None, log_prefix="") -> stats
     log: Callable[[str], None] = print
     info: dict = field(default_factory=dict)   # what the method wants recorded (schedules, residuals...)
+    extract_options: dict = field(default_factory=dict)   # passed to the adapter's fix_modules and the manifest
 
 
 class Method:
@@ -117,6 +118,8 @@ class Method:
     name: str = ""
     impl: str = "reimpl"
     finetune: bool = True            # does the runner finetune after extraction
+    uses_finetune_budget: bool = False   # gets the card's finetune block although the runner does not finetune
+    settings_key: str = ""           # profile block with the method's settings (default: its own name)
     description: str = ""
 
     def prune(self, ctx: CellContext) -> dict:

@@ -172,6 +172,9 @@ def cmd_report(args):
             if r.get("retention"):
                 print(f"\n{r['method']} {r['ratio_label']} seed {r['seed']}:")
                 print(report.retention_table(r))
+                png = paths.output / r["table"] / "cells" / r["hash"] / "retention.png"
+                if png.is_file():
+                    print(f"heat-map: {png}")
 
 
 def cmd_flops(args):

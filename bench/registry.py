@@ -15,6 +15,7 @@ PLUGIN_MODULES = [
     "methods.dense",
     "methods.somp",
     "methods.sgmp",
+    "methods.upop",
 ]
 
 

@@ -810,3 +810,41 @@ def retention_table(record: dict) -> str:
              f"seed {record.get('seed')}")
     lines = [title] + _aligned(header, body)
     return "\n".join(lines) + "\n"
+
+
+def retention_heatmap(record: dict, path) -> Path:
+    """PNG heat-map of the kept fraction per layer (columns) and per module type (rows: modality + unit
+    kind), as the UPop paper's figure of retained proportions. Atomic write."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    import numpy as np
+
+    ret = record.get("retention") or []
+    rows = list(dict.fromkeys((g.get("modality"), g.get("kind")) for g in ret))
+    layers = sorted({g.get("layer") for g in ret if g.get("layer") is not None})
+    grid = np.full((max(1, len(rows)), max(1, len(layers))), np.nan)
+    for g in ret:
+        if g.get("layer") is None or not g.get("size"):
+            continue
+        r, c = rows.index((g.get("modality"), g.get("kind"))), layers.index(g.get("layer"))
+        prev = grid[r, c]
+        grid[r, c] = g["kept"] / g["size"] if np.isnan(prev) else (prev + g["kept"] / g["size"]) / 2
+    fig = Figure(figsize=(1.2 + 0.55 * max(1, len(layers)), 1.4 + 0.5 * max(1, len(rows))), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    for r in range(grid.shape[0]):
+        for c in range(grid.shape[1]):
+            if not np.isnan(grid[r, c]):
+                ax.text(c, r, f"{100 * grid[r, c]:.0f}%", ha="center", va="center", fontsize=7,
+                        color="white" if grid[r, c] < 0.6 else "black")
+    ax.set_xticks(range(len(layers)), [str(x) for x in layers])
+    ax.set_yticks(range(len(rows)), [f"{m} {k}" for m, k in rows])
+    ax.set_xlabel("layer")
+    fig.colorbar(im, ax=ax, label="fraction kept")
+    ax.set_title(f"{record.get('table')}: {record.get('method')} {record.get('ratio_label')} "
+                 f"(seed {record.get('seed')})", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return _atomic_write_bytes(path, buf.getvalue())

@@ -77,10 +77,10 @@ def expand_cells(card: dict, profile: str, methods=None, ratios=None, seeds=None
                     "checkpoint": prof.get("checkpoint") if profile == "paper" else None,
                     "dense_training": prof.get("dense") if profile == "micro" else None,
                     "method": m, "method_options": (card.get("method_options") or {}).get(m, {}),
-                    "method_settings": prof.get(m) or {},
+                    "method_settings": prof.get(method.settings_key or m) or {},
                     "ratio": {"label": str(r["label"]), "p": float(r["p"])},
                     "ratio_meaning": card["ratio_meaning"],
-                    "finetune": prof.get("finetune") if method.finetune or m == "sgmp" else None,
+                    "finetune": prof.get("finetune") if method.finetune or method.uses_finetune_budget else None,
                     "seed": seed, "device": device,
                     "protocol": {"flops": card["protocol"]["flops"], "throughput": throughput},
                 }
@@ -204,7 +204,7 @@ def _run_cell(cfg, session: Session, record: dict):
 
     # method: search / prune / train -> keep-masks
     torch.manual_seed(cfg["seed"])
-    settings = {"finetune": cfg["finetune"], **({cfg["method"]: cfg["method_settings"]} if cfg["method_settings"] else {})}
+    settings = {"finetune": cfg["finetune"], "method": cfg["method_settings"]}
     trainer = functools.partial(train, task=task, device=device, seed=cfg["seed"], log=session.log)
     structure = adapter.structure(model)
     ctx = CellContext(model=model, adapter=adapter, structure=structure, task=task,
@@ -219,8 +219,11 @@ def _run_cell(cfg, session: Session, record: dict):
     counts = kept_param_count(model, structure, keep)
 
     # extract -> smaller model, saved as a manifest
-    extract(model, adapter, structure, keep, cfg["method_options"].get("extract_options"))
+    extract(model, adapter, structure, keep, ctx.extract_options)
     record["retention"] = retention(structure, keep)
+    if cfg["method"] != "dense":
+        from bench.report import retention_heatmap
+        retention_heatmap(record, cell_dir(session.paths.output, cfg["table"], cfg["hash"]) / "retention.png")
     record["method_info"] = ctx.info
 
     # finetune as the card says
@@ -230,7 +233,7 @@ def _run_cell(cfg, session: Session, record: dict):
                                                   log=session.log, **cfg["finetune"])
         record["timings"]["finetune_s"] = round(time.perf_counter() - t, 3)
     save_manifest(cell_dir(session.paths.output, cfg["table"], cfg["hash"]), model, cfg["model"],
-                  cfg["model_config"], structure, keep, cfg["method_options"].get("extract_options"),
+                  cfg["model_config"], structure, keep, ctx.extract_options,
                   extra={"table": cfg["table"], "cell": cfg["cell_id"]})
 
     # evaluate on the card's splits (final model; no selection on the reported split)

@@ -20,9 +20,11 @@ def cosine_lr(step: int, total: int, base_lr: float, warmup: int = 0, min_lr: fl
 def train(model, task, *, epochs: float, lr: float, batch_size: int, device, seed: int,
           weight_decay: float = 0.05, warmup_epochs: float = 0.0, min_lr: float = 0.0,
           on_step: Callable[[int, int], None] | None = None, log: Callable[[str], None] | None = None,
+          extra_loss: Callable[[], torch.Tensor] | None = None,
           log_every: int = 0, **_ignored) -> dict:
     """Train `model` on `task` for `epochs` epochs. `on_step(step, total)` runs after every optimizer
-    step (methods use it to prune gradually or keep masked weights at zero). Raises CellFailure on a
+    step (methods use it to prune gradually or keep masked weights at zero); `extra_loss()` is added to
+    the task loss (e.g. UPop's L1 term on its masks). Raises CellFailure on a
     non-finite loss, so the cell is reported with that reason."""
     steps_per_epoch = task.steps_per_epoch(batch_size)
     total = max(1, int(round(epochs * steps_per_epoch)))
@@ -43,6 +45,8 @@ def train(model, task, *, epochs: float, lr: float, batch_size: int, device, see
             g["lr"] = cur
         batch = next(batches)
         loss = task.loss(model, batch, device)
+        if extra_loss is not None:
+            loss = loss + extra_loss()
         if not torch.isfinite(loss):
             raise CellFailure(f"non-finite loss ({loss.item()}) at step {step}/{total}")
         opt.zero_grad(set_to_none=True)

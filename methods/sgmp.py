@@ -41,13 +41,14 @@ class SGMP(Method):
     name = "sgmp"
     impl = "baseline"
     finetune = False   # the gradual run is the finetune (equal compute with SOMP)
+    uses_finetune_budget = True
     description = "structured gradual magnitude pruning (cubic schedule) during training"
 
     def prune(self, ctx):
         st = method_structure(ctx, ("head", "ffn"))
         norm = ctx.options.get("norm", "l2")
         allocation = ctx.options.get("allocation", "per_type")
-        sched = dict(ctx.settings.get("sgmp") or {})
+        sched = dict(ctx.settings.get("method") or {})
         ft = ctx.settings["finetune"]
         spe = ctx.task.steps_per_epoch(ft["batch_size"])
         total = max(1, int(round(ft["epochs"] * spe)))

@@ -128,6 +128,24 @@ class VitAdapter(ModelAdapter):
         del C
         return fill_params_per_unit(model, Structure(groups))
 
+    # UPop's official ViT/DeiT code keeps the softmax scale of the unsliced head_dim (spec §9.8)
+    DEFAULT_ATTENTION_SCALE = "fixed"
+
+    def attach_unit_masks(self, model, structure, kinds=("head_dim", "ffn")):
+        """Activation masks of ones (requires_grad, not nn.Parameters, so no optimizer sees them):
+        head_dim -> attn.dim_mask on q, k, v; head -> attn.head_mask; ffn -> mlp.neuron_mask."""
+        attr = {"head_dim": "dim_mask", "head": "head_mask", "ffn": "neuron_mask"}
+        masks = {}
+        for g in structure:
+            if g.kind not in kinds:
+                continue
+            mod = model.get_submodule(g.module)
+            ref = next(mod.parameters())
+            m = torch.ones(g.size, device=ref.device, dtype=ref.dtype, requires_grad=True)
+            setattr(mod, attr[g.kind], m)
+            masks[g.name] = m
+        return masks
+
     def fix_modules(self, model, structure, keep, options):
         for g in structure:
             if g.kind not in ("head_dim", "head"):
@@ -141,8 +159,13 @@ class VitAdapter(ModelAdapter):
             attn.attn_dim = attn.num_heads * attn.head_dim
             # masks of the old shape make no sense on the sliced module
             attn.dim_mask = attn.head_mask = None
-            if options.get("attention_scale") == "sliced":   # 1/sqrt(new head_dim), BERT/CLIP-style
+            if options.get("attention_scale", self.DEFAULT_ATTENTION_SCALE) == "sliced":   # BERT/CLIP-style
                 attn.scale = attn.head_dim ** -0.5
+            if g.kind == "head_dim" and options.get("reinit_qkv_bias") and attn.qkv.bias is not None:
+                # reproduces the official UPop ViT/DeiT extraction, whose sliced qkv bias never reaches the
+                # new Linear: it keeps nn.Linear's default init U(-1/sqrt(in), 1/sqrt(in)) (spec §9.9)
+                bound = attn.qkv.in_features ** -0.5
+                attn.qkv.bias.data.uniform_(-bound, bound)
         for g in structure:
             if g.kind == "ffn":
                 model.get_submodule(g.module).neuron_mask = None

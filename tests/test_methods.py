@@ -92,7 +92,7 @@ def _ctx(method, p, model, adapter, task, epochs=2.0):
     ft = {"epochs": epochs, "lr": 1e-3, "batch_size": 32}
     return CellContext(model=model, adapter=adapter, structure=adapter.structure(model), task=task,
                        ratio=RatioSpec("x", p), options={"unit_kinds": ["head_dim", "ffn"]},
-                       settings={"finetune": ft, "sgmp": {"prune_start_epoch": 0, "prune_end_fraction": 0.5,
+                       settings={"finetune": ft, "method": {"prune_start_epoch": 0, "prune_end_fraction": 0.5,
                                                           "prune_events": 4}},
                        device=torch.device("cpu"), seed=0,
                        train=functools.partial(train, task=task, device="cpu", seed=0), log=lambda m: None)

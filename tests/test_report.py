@@ -408,3 +408,14 @@ def test_compare_malformed_csv(tmp_path):
         read_leaderboard(empty)
     with pytest.raises(BenchError, match="nope.csv"):
         read_leaderboard(tmp_path / "nope.csv")
+
+
+def test_retention_heatmap_png(tmp_path):
+    from bench.report import retention_heatmap
+    rec = {"table": "t", "method": "upop", "ratio_label": "2.00x", "seed": 0,
+           "retention": [{"group": f"blocks.{i}.attn:head_dim", "kind": "head_dim", "layer": i, "modality": "vision",
+                          "kept": 8 * (i + 1), "size": 64} for i in range(4)] +
+                        [{"group": f"blocks.{i}.mlp:ffn", "kind": "ffn", "layer": i, "modality": "vision",
+                          "kept": 100, "size": 384} for i in range(4)]}
+    out = retention_heatmap(rec, tmp_path / "r.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 1000

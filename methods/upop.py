@@ -1,0 +1,222 @@
+"""UPop: Unified and Progressive Pruning (Shi et al., ICML 2023), faithful to the paper and the official code.
+
+Spec: shared/specs/upop.md §1-§4, §9. Works on any model whose adapter exposes UPop's unit kinds,
+`head_dim` (one mask entry per per-head dimension, shared by all heads of the module and by q, k, v,
+applied after the projections and the head reshape) and `ffn` (one entry per FFN neuron, on fc1's output
+before the activation), and implements `attach_unit_masks`.
+
+Search (§3): the weights train with the task loss + w_attn·Σ|ζ_attn| + w_mlp·Σ|ζ_mlp| at a constant lr; the
+masks ζ start at 1 and are not in the optimizer. Every `interval` steps (and at the last step) the
+importance of every mask entry (its gradient accumulated since the search began, as the official fp32
+code, or the single-step gradient: option `importance`) is z-scored within the attention group and within
+the FFN group (unbiased std), all entries are ranked together in descending order, and the entries past
+the point where the cumulative weight is closest to p_t × total weight are selected; they are set to
+1 - p_t/p, every other entry to 1, and each module keeps its lowest-ranked entry.
+p_t = p·sin(π(t+1)/(2T)), so at the last step the selected masks are exactly 0 and the rest exactly 1.
+The runner then extracts the subnet (masks == 1) and retrains it with the card's finetune block.
+
+Options (card `method_options.upop`):
+  weights          : "exact" (default; params per unit, i.e. 9234 vs 769 for DeiT-S: the ratio the
+                     DeiT/Segmenter code intends), "exact_int" (that ratio truncated to an integer, 12 for
+                     DeiT-S, which is what the official code computes: it writes 9234/769 into an integer
+                     tensor) or "official_36" (36 per attention unit, 1 per FFN neuron: BLIP/CLIP code)
+  threshold_rule   : "official" (default: units strictly above the threshold value are pruned, the unit at
+                     the threshold position is kept) or "closest" (that unit is pruned too, so the removed
+                     weight is the closest achievable to p x total)
+  importance       : "accumulated" (default, official fp32 code) or "single_step" (the --amp / Segmenter path)
+  update_at_step0  : false (DeiT/Segmenter code) or true (BLIP/CLIP code)
+  attention_scale  : "fixed" (ViT/DeiT/Segmenter code: 1/sqrt(original head_dim)) or "sliced"
+                     (BERT/CLIP code: 1/sqrt(kept dims)); default: the model family's official behaviour
+  reinit_qkv_bias  : false (default: the sliced qkv bias is copied). true reproduces the official
+                     ViT/DeiT extraction bug that leaves the new qkv bias at its random init (§9.9)
+Profile settings (card `profiles.<p>.upop`): search_epochs, lr (constant), batch_size, weight_decay,
+interval (a number, or a mapping from p to interval with a `default`), w_sp_attn, w_sp_mlp.
+
+Ablations, registered separately so tables show them as the paper does:
+  upop_unified : the unified ranking without the progressive shrinking: masks stay 1 during the search
+                 (importance still accumulates), the selected units are cut at the end.
+  upop_uniform : progressive, but every module loses the same fraction p_t of its units (no unified ranking).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bench.api import Method
+from bench.errors import BenchError
+from bench.registry import register_method
+
+ATTN_KINDS = ("head_dim",)
+FFN_KINDS = ("ffn",)
+
+
+def progress(t: int, total: int) -> float:
+    """p_t / p = sin(π(t+1)/(2T)) (spec §3.6)."""
+    return math.sin(math.pi * (t + 1) / (2 * total))
+
+
+def zscore(x: torch.Tensor) -> torch.Tensor:
+    std = x.std(unbiased=True) if x.numel() > 1 else x.new_tensor(0.0)
+    return (x - x.mean()) / (std if std > 0 else 1.0)
+
+
+def standardised_importance(groups, grads: dict) -> dict:
+    """z-score the importance within the attention group and within the FFN group (each pooled over all
+    modalities and layers); returns per-group tensors of standardised values."""
+    out = {}
+    for kinds in (ATTN_KINDS, FFN_KINDS):
+        names = [g.name for g in groups if g.kind in kinds]
+        if not names:
+            continue
+        flat = zscore(torch.cat([grads[n].detach().double().flatten() for n in names]))
+        for n, chunk in zip(names, torch.split(flat, [grads[n].numel() for n in names])):
+            out[n] = chunk
+    return out
+
+
+def unit_weights(groups, scheme: str) -> dict:
+    if scheme == "exact":
+        return {g.name: float(g.params_per_unit) for g in groups}
+    if scheme == "official_36":
+        return {g.name: 36.0 if g.kind in ATTN_KINDS else 1.0 for g in groups}
+    if scheme == "exact_int":
+        # the official DeiT/Segmenter code writes 9234/769 into an integer tensor: the weight becomes 12
+        ffn = [g.params_per_unit for g in groups if g.kind in FFN_KINDS]
+        ref = ffn[0] if ffn else 1
+        return {g.name: float(int(g.params_per_unit / ref)) if g.kind in ATTN_KINDS else 1.0 for g in groups}
+    raise BenchError(f"upop weights must be 'exact', 'exact_int' or 'official_36', got {scheme!r}")
+
+
+def unified_selection(groups, values: dict, weights: dict, p_t: float, threshold_rule: str = "official") -> dict:
+    """Units selected for pruning (True) by the unified weighted ranking of spec §3.3-3.5.
+
+    The threshold is the value at the sorted position whose cumulative weight is closest to p_t x total.
+    "official": units strictly above it are selected, the threshold unit itself is kept (so up to one
+    unit fewer than the closest count is removed); "closest": the threshold unit is removed too, so the
+    removed weight is the closest achievable to the target."""
+    names = [g.name for g in groups]
+    vals = torch.cat([values[n] for n in names])
+    w = torch.cat([torch.full((values[n].numel(),), weights[n], dtype=torch.float64) for n in names])
+    order = torch.argsort(vals, descending=True, stable=True)
+    cum = torch.cumsum(w[order], 0)
+    idx = int(torch.argmin((cum - p_t * w.sum()).abs()))
+    threshold = vals[order][idx]
+    sel = {}
+    for n in names:
+        v = values[n]
+        s = v > threshold if threshold_rule == "official" else v >= threshold
+        s &= ~(v == v.min())                     # each module keeps its lowest-ranked unit
+        sel[n] = s
+    return sel
+
+
+def uniform_selection(groups, values: dict, p_t: float) -> dict:
+    """Ablation: every module loses the fraction p_t of its units, ranked within the module."""
+    sel = {}
+    for g in groups:
+        v = values[g.name]
+        k = min(int(round(p_t * v.numel())), v.numel() - 1)
+        s = torch.zeros(v.numel(), dtype=torch.bool)
+        if k > 0:
+            s[torch.argsort(v, descending=True, stable=True)[:k]] = True
+        sel[g.name] = s
+    return sel
+
+
+def interval_for(setting, p: float) -> int:
+    if isinstance(setting, dict):
+        for k, v in setting.items():
+            if k != "default" and abs(float(k) - p) < 1e-9:
+                return int(v)
+        return int(setting["default"])
+    return int(setting)
+
+
+@register_method("upop")
+class UPop(Method):
+    name = "upop"
+    impl = "port"         # the suite's own code, following the official code wherever the spec says what it does
+    finetune = True       # retrain the extracted subnet with the card's finetune block
+    settings_key = "upop"
+    description = "unified and progressive search of head-dim and FFN units, then retrain (UPop)"
+    progressive = True
+    unified = True
+
+    def prune(self, ctx):
+        opts = ctx.options
+        s = ctx.settings.get("method") or {}
+        for k in ("search_epochs", "lr", "batch_size", "interval"):
+            if k not in s:
+                raise BenchError(f"the card's profile has no upop.{k}: UPop needs its search settings "
+                                 "(search_epochs, lr, batch_size, interval, w_sp_attn, w_sp_mlp)")
+        st = ctx.adapter.structure(ctx.model, ATTN_KINDS + FFN_KINDS)
+        ctx.structure = st
+        groups = list(st)
+        masks = ctx.adapter.attach_unit_masks(ctx.model, st, ATTN_KINDS + FFN_KINDS)
+        weights = unit_weights(groups, opts.get("weights", "exact"))
+        importance = opts.get("importance", "accumulated")
+        if importance not in ("accumulated", "single_step"):
+            raise BenchError(f"upop importance must be 'accumulated' or 'single_step', got {importance!r}")
+        p = ctx.ratio.p
+        interval = interval_for(s["interval"], p)
+        total = max(1, int(round(s["search_epochs"] * ctx.task.steps_per_epoch(s["batch_size"]))))
+        at_step0 = bool(opts.get("update_at_step0", False))
+        w_attn, w_mlp = float(s.get("w_sp_attn", 0.0)), float(s.get("w_sp_mlp", 0.0))
+        attn_masks = [m for n, m in masks.items() if st.by_name()[n].kind in ATTN_KINDS]
+        ffn_masks = [m for n, m in masks.items() if st.by_name()[n].kind in FFN_KINDS]
+        history = []
+
+        def l1():
+            return w_attn * sum(m.abs().sum() for m in attn_masks) + w_mlp * sum(m.abs().sum() for m in ffn_masks)
+
+        def update(t):
+            p_t = p * progress(t, total)
+            grads = {n: (m.grad if m.grad is not None else torch.zeros_like(m)) for n, m in masks.items()}
+            values = standardised_importance(groups, grads)
+            sel = (unified_selection(groups, values, weights, p_t, opts.get("threshold_rule", "official"))
+                   if self.unified
+                   else uniform_selection(groups, values, p_t))
+            selected_value = 1.0 - p_t / p if self.progressive else 1.0
+            if t == total - 1:
+                selected_value = 0.0          # p_t = p exactly: the selected masks become exactly 0
+            with torch.no_grad():
+                for n, m in masks.items():
+                    m.copy_(torch.where(sel[n].to(m.device), torch.full_like(m, selected_value), torch.ones_like(m)))
+            removed = sum(int(sel[g.name].sum()) * g.params_per_unit for g in groups)
+            history.append({"step": t, "p_t": round(p_t, 6), "mask_value": round(selected_value, 6),
+                            "removed_param_fraction": removed / sum(g.size * g.params_per_unit for g in groups)})
+
+        def on_step(t, _total):
+            if (t % interval == 0 and (t > 0 or at_step0)) or t == total - 1:
+                update(t)
+            if importance == "single_step":
+                for m in masks.values():
+                    m.grad = None
+
+        stats = ctx.train(ctx.model, epochs=s["search_epochs"], lr=s["lr"], min_lr=s["lr"], warmup_epochs=0,
+                          batch_size=s["batch_size"], weight_decay=s.get("weight_decay", 0.05),
+                          on_step=on_step, extra_loss=l1 if (w_attn or w_mlp) else None)
+        final = {n: m.detach().cpu() for n, m in masks.items()}
+        bad = [n for n, m in final.items() if not bool(((m == 0) | (m == 1)).all())]
+        if bad:
+            raise BenchError(f"UPop masks are not exactly 0/1 after the last update: {bad[:3]}")
+        ctx.extract_options = {k: opts[k] for k in ("attention_scale", "reinit_qkv_bias") if k in opts}
+        ctx.info.update({"search": {"steps": total, "interval": interval, "updates": len(history),
+                                    "importance": importance, "weights": opts.get("weights", "exact"),
+                                    "train": stats}, "mask_updates": history})
+        return {n: m == 1 for n, m in final.items()}
+
+
+@register_method("upop_unified")
+class UPopUnified(UPop):
+    name = "upop_unified"
+    description = "UPop ablation: unified ranking, no progressive shrinking (cut at the end of the search)"
+    progressive = False
+
+
+@register_method("upop_uniform")
+class UPopUniform(UPop):
+    name = "upop_uniform"
+    description = "UPop ablation: progressive, but the same ratio p for every module (no unified ranking)"
+    unified = False

@@ -19,6 +19,15 @@ from bench.registry import METHODS, MODELS, TASKS
 TABLES_DIR = Path(__file__).parent / "tables"
 PROFILES = ("micro", "paper")
 EXTRA_REFERENCE_KEYS = {"params_m", "gflops"}   # reference columns that are not task metrics
+# relations a paper states without a number per cell, and the fields each needs (checked by
+# bench.report.relation_checks): "no accuracy loss", "0.96% above SGMP", "26.57% faster"
+RELATION_KINDS = {
+    "no_loss_vs_dense": ("ratio", "metric", "tolerance"),
+    "below_dense_by": ("ratio", "metric", "by", "tolerance"),
+    "above": ("other", "ratios", "metric", "by", "tolerance"),
+    "above_value": ("ratio", "metric", "value", "by", "tolerance"),
+    "speedup": ("ratio", "value", "tolerance"),
+}
 
 
 def table_dirs() -> list:
@@ -149,7 +158,10 @@ def validate_card(card: dict) -> list:
         if rprof and rprof not in PROFILES:
             errs.append(f"references.profile must be one of {PROFILES}")
         tol = need(refs, "tolerance", "references", dict) or {}
-        for i, row in enumerate(need(refs, "rows", "references", list) or []):
+        rows = refs.get("rows")
+        if not isinstance(rows, list) or (not rows and not card.get("relations")):
+            errs.append("references: missing 'rows' (may be empty only when the card has relations)")
+        for i, row in enumerate(rows or []):
             where = f"references.rows[{i}]"
             need(row, "method", where)
             lab = need(row, "ratio", where)
@@ -170,6 +182,26 @@ def validate_card(card: dict) -> list:
         for k, v in tol.items():
             if not (isinstance(v, (int, float)) or (isinstance(v, str) and v.endswith("%"))):
                 errs.append(f"references.tolerance.{k}: a number (absolute) or 'N%' (relative), got {v!r}")
+    if card.get("ratio_basis", "prunable") not in ("prunable", "total"):
+        errs.append("ratio_basis must be 'prunable' (default) or 'total'")
+    comparators = {c.get("method") for c in card.get("comparators") or []}
+    for i, rel in enumerate(card.get("relations") or []):
+        where = f"relations[{i}]"
+        kind = need(rel, "kind", where)
+        if kind and kind not in RELATION_KINDS:
+            errs.append(f"{where}: kind {kind!r} is not one of {sorted(RELATION_KINDS)}")
+        need(rel, "source", where)
+        if rel.get("method") not in methods:
+            errs.append(f"{where}: method {rel.get('method')!r} is not run by this card")
+        if rel.get("other") is not None and rel["other"] not in set(methods) | comparators:
+            errs.append(f"{where}: other {rel['other']!r} is neither run by this card nor a comparator")
+        for lab in rel.get("ratios") or [rel.get("ratio")]:
+            if str(lab) not in labels:
+                errs.append(f"{where}: ratio {lab!r} is not a ratio label of this card")
+        if kind != "speedup" and rel.get("metric") not in metric_names:
+            errs.append(f"{where}: metric {rel.get('metric')!r} is not a metric of the card")
+        for k in RELATION_KINDS.get(kind, ()):
+            need(rel, k, where)
     return errs
 
 

@@ -167,6 +167,9 @@ def cmd_report(args):
         raise BenchError(f"no records of table {args.table} ({args.profile} profile) under {paths.output}. "
                          f"Run `python -m bench run --table {args.table}` first, or pass --output DIR.")
     print(report.render_table(card, recs, args.format))
+    rel = report.format_relations(report.relation_checks(card, recs))
+    if rel and args.format in ("md", "terminal"):
+        print(rel)
     if args.retention:
         for r in sorted(recs, key=lambda r: (r["method"], r["ratio_p"], r["seed"])):
             if r.get("retention"):

@@ -158,6 +158,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         tr = terminalreporter
         tr.section(f"{card['title']} [{config.getoption('--bench-profile')} profile]")
         tr.write_line(report.render_table(card, recs, "terminal"))
+        rel = report.format_relations(report.relation_checks(card, recs))
+        if rel:
+            tr.write_line(rel)
+        ret = report.retention_summary(card, recs)
+        if ret:
+            tr.write_line(ret)
         tr.write_line(f"records: {folder / 'records'}")
         tr.write_line(f"leaderboard CSV: {folder / report.leaderboard_filename(card, recs)}")
         tr.write_line(f"plot: {png}")

@@ -16,6 +16,8 @@ PLUGIN_MODULES = [
     "methods.somp",
     "methods.sgmp",
     "methods.upop",
+    "methods.gohsp",
+    "tasks.cifar10",
 ]
 
 

@@ -848,3 +848,99 @@ def retention_heatmap(record: dict, path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return _atomic_write_bytes(path, buf.getvalue())
+
+
+def retention_summary(card: dict, records) -> str:
+    """One line per pruned cell: the kept fraction of each unit kind, layer by layer (the compact form of
+    `retention_table`; `report --retention` prints the full one)."""
+    lines = []
+    order = {m: i for i, m in enumerate(card.get("methods") or [])}
+    for r in sorted(records, key=lambda r: (order.get(r["method"], 99), r.get("ratio_p") or 0, r.get("seed") or 0)):
+        ret = r.get("retention") or []
+        if r["method"] == "dense" or not ret:
+            continue
+        parts = []
+        for kind in dict.fromkeys(g["kind"] for g in ret):
+            gs = sorted((g for g in ret if g["kind"] == kind), key=lambda g: (str(g.get("modality")), g.get("layer") or 0))
+            total = sum(g["kept"] for g in gs) / max(1, sum(g["size"] for g in gs))
+            parts.append(f"{kind} {total:.2f} [" + " ".join(f"{g['kept'] / g['size']:.2f}" for g in gs) + "]")
+        lines.append(f"{r['method']:<14}{r['ratio_label']:>7} s{r['seed']}  " + "  ".join(parts))
+    if not lines:
+        return ""
+    return "Retention (fraction of units kept: overall [per layer]):\n" + "\n".join(lines) + "\n"
+
+
+def relation_checks(card: dict, records) -> list:
+    """Check the card's `relations` (claims stated without a number per cell) on the records.
+
+    Judged (PASS/FAIL) on the profile the card's references are for; on other profiles (micro) the
+    measured values are shown as INFO. A relation whose cells are missing is SKIPPED."""
+    ref_profile = (card.get("references") or {}).get("profile")
+    comparators = {(c["method"], str(c["ratio"])): c for c in card.get("comparators") or []}
+    vals: dict = {}
+    speed: dict = {}
+    profiles = set()
+    for r in records:
+        if r.get("status") == "error":
+            continue
+        profiles.add(r.get("profile"))
+        for k, v in (r.get("metrics") or {}).items():
+            vals.setdefault((r["method"], str(r["ratio_label"]), k), []).append(v)
+        sp = (r.get("speed") or {}).get("speedup_measured")
+        if sp is not None:
+            speed.setdefault((r["method"], str(r["ratio_label"])), []).append(sp)
+    judged = profiles == {ref_profile}
+
+    def metric(method, ratio, name):
+        if method == "dense":
+            ratio = "1x"
+        v = vals.get((method, str(ratio), name))
+        if v:
+            return sum(v) / len(v)
+        comp = comparators.get((method, str(ratio)))
+        return comp.get(name) if comp else None
+
+    out = []
+    for rel in card.get("relations") or []:
+        kind, tol = rel["kind"], float(rel.get("tolerance", 0.0))
+        checks = []
+        for ratio in [str(x) for x in (rel.get("ratios") or [rel.get("ratio")])]:
+            m = metric(rel["method"], ratio, rel.get("metric"))
+            if kind == "no_loss_vs_dense":
+                d = metric("dense", "1x", rel["metric"])
+                checks.append(None if None in (m, d) else (m - d, f"{rel['method']} - dense = {m - d:+.2f}", m - d >= -tol))
+            elif kind == "below_dense_by":
+                d = metric("dense", "1x", rel["metric"])
+                checks.append(None if None in (m, d) else (d - m, f"dense - {rel['method']} = {d - m:+.2f} (claim <= {rel['by']})",
+                                                           d - m <= rel["by"] + tol))
+            elif kind == "above":
+                o = metric(rel["other"], ratio, rel["metric"])
+                checks.append(None if None in (m, o) else (m - o, f"{rel['method']} - {rel['other']} = {m - o:+.2f} at {ratio} (claim {rel['by']:+})",
+                                                           m - o >= rel["by"] - tol))
+            elif kind == "above_value":
+                checks.append(None if m is None else (m - rel["value"], f"{rel['method']} - {rel['value']} = {m - rel['value']:+.2f} (claim {rel['by']:+})",
+                                                      m - rel["value"] >= rel["by"] - tol))
+            elif kind == "speedup":
+                v = speed.get((rel["method"], ratio))
+                s = sum(v) / len(v) if v else None
+                checks.append(None if s is None else (s, f"measured speedup {s:.3f}x vs paper {rel['value']:.4g}x",
+                                                      abs(s - rel["value"]) <= tol))
+        if any(c is None for c in checks) or not checks:
+            status, text = "SKIPPED", "cells missing"
+        else:
+            ok = all(c[2] for c in checks)
+            status = ("PASS" if ok else "FAIL") if judged else "INFO"
+            text = "; ".join(c[1] for c in checks)
+        out.append({"kind": kind, "method": rel["method"], "status": status, "measured": text,
+                    "source": rel.get("source", ""), "tolerance": tol})
+    return out
+
+
+def format_relations(checks) -> str:
+    if not checks:
+        return ""
+    lines = ["Relations stated by the paper (INFO = measured on a profile the claims are not judged on):"]
+    for c in checks:
+        lines.append(f"  [{c['status']}] {c['kind']} ({c['method']}): {c['measured']} (tol {c['tolerance']}); "
+                     f"source: {c['source']}")
+    return "\n".join(lines) + "\n"

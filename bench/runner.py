@@ -84,6 +84,8 @@ def expand_cells(card: dict, profile: str, methods=None, ratios=None, seeds=None
                     "seed": seed, "device": device,
                     "protocol": {"flops": card["protocol"]["flops"], "throughput": throughput},
                 }
+                if card.get("ratio_basis", "prunable") != "prunable":   # only then: keeps older hashes valid
+                    cfg["ratio_basis"] = card["ratio_basis"]
                 cfg["hash"] = config_hash(cfg)
                 cfg["cell_id"] = f"{m}-{r['label']}-seed{seed}"
                 cells.append(cfg)
@@ -249,11 +251,13 @@ def _run_cell(cfg, session: Session, record: dict):
     t = time.perf_counter()
     total = measure.count_params(model)
     prunable = counts["prunable_dense"]
-    target_removed = cfg["ratio"]["p"] * prunable
+    # the ratio's basis: the prunable params (default) or all params (GOHSP's convention)
+    basis = dense_params if cfg.get("ratio_basis") == "total" else prunable
+    target_removed = cfg["ratio"]["p"] * basis
     record["params"] = {"total": total, "dense_total": dense_params, "prunable_dense": prunable,
                         "removed": dense_params - total, "target_removed": round(target_removed),
-                        "achieved_reduction": (dense_params - total) / prunable if prunable else 0.0,
-                        "target_reduction": cfg["ratio"]["p"]}
+                        "achieved_reduction": (dense_params - total) / basis if basis else 0.0,
+                        "target_reduction": cfg["ratio"]["p"], "basis": cfg.get("ratio_basis", "prunable")}
     macs = measure.count_macs(copy.deepcopy(model).cpu(), flop_inputs)
     record["flops"] = {"macs": macs["macs"], "dense_macs": dense_macs,
                        "input_spec": "x".join(str(s) for s in flop_inputs[0].shape),

@@ -9,7 +9,7 @@ import torch
 from bench.errors import BenchError
 from bench.structure import Structure
 
-ALLOCATIONS = ("per_type", "per_layer", "global")
+ALLOCATIONS = ("per_type", "per_layer", "global", "gohsp")
 
 
 @torch.no_grad()
@@ -42,6 +42,8 @@ def select_units(structure: Structure, scores: dict, p: float, allocation: str =
     are closest to the target, so the achieved ratio is within one unit of the requested one."""
     if allocation not in ALLOCATIONS:
         raise BenchError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    if allocation == "gohsp":
+        raise BenchError("allocation 'gohsp' needs the model's total params: use select_for_method()")
     already_removed = already_removed or {}
     if allocation == "per_type":
         pools = [[g for g in structure if g.kind == k] for k in structure.kinds()]
@@ -79,6 +81,17 @@ def select_units(structure: Structure, scores: dict, p: float, allocation: str =
         for c in cand[:best_k]:
             keep[c[2]][c[3]] = False
     return keep
+
+
+def select_for_method(ctx, structure: Structure, scores: dict, p: float, allocation: str,
+                      already_removed: dict | None = None) -> dict:
+    """SOMP/SGMP selection: the magnitude allocations above, or `gohsp` (GOHSP's per-kind unit budgets,
+    p being a fraction of the model's total params, so the baselines keep the same structure counts)."""
+    if allocation == "gohsp":
+        from methods.gohsp import select_at_budgets
+        total = sum(p_.numel() for p_ in ctx.model.parameters())
+        return select_at_budgets(structure, scores, p, total, ctx.options, already_removed=already_removed)
+    return select_units(structure, scores, p, allocation, already_removed=already_removed)
 
 
 def method_structure(ctx, default_kinds) -> Structure:

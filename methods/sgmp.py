@@ -16,7 +16,7 @@ by which s_f is reached, default 0.5), prune_events (n, default 10).
 from bench.api import Method
 from bench.registry import register_method
 from bench.structure import apply_param_masks, param_masks
-from methods.magnitude import method_structure, select_units, unit_scores
+from methods.magnitude import method_structure, select_for_method, unit_scores
 
 
 def cubic_sparsity(t: int, t0: int, dt: int, n: int, s_i: float, s_f: float) -> float:
@@ -62,7 +62,7 @@ class SGMP(Method):
         def prune_event(step):
             s_t = cubic_sparsity(step, t0, dt, n, 0.0, ctx.ratio.p)
             removed = {k: ~v for k, v in keep.items()}
-            new = select_units(st, unit_scores(ctx.model, st, norm), s_t, allocation, already_removed=removed)
+            new = select_for_method(ctx, st, unit_scores(ctx.model, st, norm), s_t, allocation, already_removed=removed)
             keep.update(new)
             state["masks"] = param_masks(ctx.model, st, keep)
             history.append({"step": step, "target": round(s_t, 6),

@@ -8,12 +8,13 @@ Options (card `method_options.somp`), each a guess of the spec made explicit:
   unit_kinds : unit kinds to prune (default [head, ffn], GOHSP's heterogeneous structure; upop_deit uses
                [head_dim, ffn] to match UPop's units)
   allocation : per_type (default; one ranking per kind across layers, p of each kind's params),
-               per_layer, or global (scores divided by sqrt(params per unit))
+               per_layer, global (scores divided by sqrt(params per unit)), or gohsp (GOHSP's unit
+               budgets for p of the total params: same kept head/head-dim/FFN counts as GOHSP)
   norm       : l2 (default) or l1
 """
 from bench.api import Method
 from bench.registry import register_method
-from methods.magnitude import method_structure, select_units, unit_scores
+from methods.magnitude import method_structure, select_for_method, unit_scores
 
 
 @register_method("somp")
@@ -26,7 +27,7 @@ class SOMP(Method):
     def prune(self, ctx):
         st = method_structure(ctx, ("head", "ffn"))
         scores = unit_scores(ctx.model, st, ctx.options.get("norm", "l2"))
-        keep = select_units(st, scores, ctx.ratio.p, ctx.options.get("allocation", "per_type"))
+        keep = select_for_method(ctx, st, scores, ctx.ratio.p, ctx.options.get("allocation", "per_type"))
         ctx.info["options"] = {"unit_kinds": st.kinds(), "allocation": ctx.options.get("allocation", "per_type"),
                                "norm": ctx.options.get("norm", "l2")}
         return keep

@@ -86,6 +86,9 @@ class VitAdapter(ModelAdapter):
         "deit_base_patch16_224": _deit(768, 12),
         "vit_small_patch16_224": _deit(384, 6),
         "vit_base_patch16_224": _deit(768, 12),
+        # GOHSP's ViT-Small for CIFAR-10 (NOT FOUND in the paper): DeiT-Small's body at CIFAR's native 32x32
+        # with 4x4 patches (64 tokens + cls), so per-head and per-neuron parameter counts are ViT-Small's
+        "vit_small_cifar10": _deit(384, 6, img_size=32, patch_size=4, num_classes=10),
         # micro profile: 32x32 images, 8x8 patches -> 16 tokens + cls, trains on 2 CPU cores in a minute
         "vit_micro": _deit(96, 4, img_size=32, patch_size=4, depth=4, num_classes=10),
     }

@@ -419,3 +419,32 @@ def test_retention_heatmap_png(tmp_path):
                           "kept": 100, "size": 384} for i in range(4)]}
     out = retention_heatmap(rec, tmp_path / "r.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 1000
+
+
+def _rel_rec(method, ratio, top1, profile="paper", speedup=None):
+    return {"method": method, "ratio_label": ratio, "profile": profile, "status": "no_ref", "metrics": {"top1": top1},
+            "speed": {"speedup_measured": speedup} if speedup else None}
+
+
+def test_relation_checks_judged_and_info():
+    from bench.report import relation_checks
+    card = {"references": {"profile": "paper"},
+            "comparators": [{"method": "s2vite", "ratio": "35%", "top1": 79.22}],
+            "relations": [
+                {"kind": "no_loss_vs_dense", "method": "gohsp", "ratio": "40%", "metric": "top1", "tolerance": 0.0},
+                {"kind": "below_dense_by", "method": "gohsp", "ratio": "80%", "metric": "top1", "by": 0.45, "tolerance": 0.0},
+                {"kind": "above", "method": "gohsp", "other": "sgmp", "ratios": ["40%", "80%"], "metric": "top1",
+                 "by": 0.96, "tolerance": 0.0},
+                {"kind": "above_value", "method": "gohsp", "ratio": "35%", "metric": "top1", "value": 79.22, "by": 0.76,
+                 "tolerance": 0.0},
+                {"kind": "speedup", "method": "gohsp", "ratio": "50%", "value": 1.2657, "tolerance": 0.1},
+                {"kind": "above", "method": "gohsp", "other": "sgmp", "ratios": ["60%"], "metric": "top1", "by": 1,
+                 "tolerance": 0.0}]}
+    recs = [_rel_rec("dense", "1x", 90.0), _rel_rec("gohsp", "40%", 90.1), _rel_rec("gohsp", "80%", 89.0),
+            _rel_rec("sgmp", "40%", 89.0), _rel_rec("sgmp", "80%", 88.5), _rel_rec("gohsp", "35%", 80.0),
+            _rel_rec("gohsp", "50%", 88.0, speedup=1.30)]
+    st = [c["status"] for c in relation_checks(card, recs)]
+    # gohsp 80% is 1.0 below dense (> 0.45) and only 0.5 above sgmp there (< 0.96); 60% cells are missing
+    assert st == ["PASS", "FAIL", "FAIL", "PASS", "PASS", "SKIPPED"]
+    micro = [dict(r, profile="micro") for r in recs]
+    assert [c["status"] for c in relation_checks(card, micro)][:5] == ["INFO", "INFO", "INFO", "SKIPPED", "INFO"]

@@ -45,8 +45,17 @@ from bench.structure import write_json_atomic
 RECORD_VERSION = 1
 
 
+def _str_keys(obj):
+    """JSON keys are strings anyway; converting first lets mixed keys (0.1 and "default") be sorted."""
+    if isinstance(obj, dict):
+        return {str(k): _str_keys(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_str_keys(v) for v in obj]
+    return obj
+
+
 def config_hash(config: dict) -> str:
-    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    blob = json.dumps(_str_keys(config), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -20,6 +20,8 @@ def tiny_env(tmp_path):
     card = load_card("upop_deit")
     card.pop("_path")
     card["table"] = "tiny_deit"
+    card["methods"] = ["dense", "upop", "somp"]
+    card["method_options"] = {k: v for k, v in card["method_options"].items() if k in card["methods"]}
     card["ratios"] = card["ratios"][:4:3]      # 1.11x and 1.67x
     labels = {r["label"] for r in card["ratios"]} | {"1x"}
     card["references"]["rows"] = [r for r in card["references"]["rows"] if r["ratio"] in labels]
@@ -27,7 +29,8 @@ def tiny_env(tmp_path):
     micro["data"] = {"num_classes": 4, "train_per_class": 24, "val_per_class": 8, "image_size": 32, "seed": 7}
     micro["dense"] = {"epochs": 2, "lr": 2.0e-3, "batch_size": 32}
     micro["finetune"] = {"epochs": 2, "lr": 5.0e-4, "batch_size": 32}
-    micro["sgmp"] = {"prune_start_epoch": 0, "prune_end_fraction": 0.5, "prune_events": 2}
+    micro["upop"] = {"search_epochs": 1, "lr": 5.0e-4, "batch_size": 32, "interval": 1, "w_sp_attn": 4.8e-3,
+                     "w_sp_mlp": 2.0e-4}
     micro["throughput"] = {"batch_size": 8, "warmup": 1, "iters": 2, "trials": 1}
     (tmp_path / "cards").mkdir()
     (tmp_path / "cards" / "tiny_deit.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
@@ -45,7 +48,7 @@ def test_run_reuse_report_and_compare(tiny_env):
     env, out = tiny_env
     r = bench(env, "run", "--table", "tiny_deit")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for cell in ["dense-1x-seed0 NO-REF", "somp-1.11x-seed0 NO-REF", "sgmp-1.67x-seed0 NO-REF"]:
+    for cell in ["dense-1x-seed0 NO-REF", "somp-1.11x-seed0 NO-REF", "upop-1.67x-seed0 NO-REF"]:
         assert cell in r.stdout
     assert "wall time:" in r.stdout and "Throughput" in r.stdout
     records = sorted((out / "records").glob("*.json"))

@@ -18,6 +18,8 @@ PLUGIN_MODULES = [
     "methods.upop",
     "methods.gohsp",
     "tasks.cifar10",
+    "models.segmenter",
+    "tasks.ade20k",
 ]
 
 

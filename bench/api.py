@@ -58,8 +58,14 @@ class TaskAdapter:
     metrics: dict = {}
     layout: str = ""   # the on-disk layout, shown in errors and the README
 
-    def __init__(self, settings: dict, data_root: Path, profile: str, cache_dir: Path):
-        self.settings = settings
+    def __init__(self, settings: dict, data_root: Path | None, profile: str, cache_dir: Path):
+        if profile not in ("micro", "paper"):
+            from bench.errors import BenchError
+            raise BenchError(f"{self.name}: unknown profile {profile!r} (micro or paper)")
+        if data_root is None:
+            import os
+            data_root = os.environ.get("BENCH_DATA") or "."
+        self.settings = dict(settings or {})
         self.data_root = Path(data_root)
         self.profile = profile
         self.cache_dir = Path(cache_dir)

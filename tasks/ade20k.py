@@ -41,9 +41,6 @@ import json
 import math
 import os
 import random
-import shutil
-import socket
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +51,7 @@ from torch import nn
 from bench.api import TaskAdapter
 from bench.errors import BenchError, MissingData
 from bench.registry import register_task
-from tasks.imagenet import ImageNetTask   # shared helpers for atomic micro generation (stale temp cleanup)
+from tasks.micro_data import generate_atomically
 
 IGNORE_INDEX = 255
 LAYOUT_VERSION = 1
@@ -621,11 +618,7 @@ class ADE20KTask(TaskAdapter):
     layout = LAYOUT
 
     def __init__(self, settings, data_root, profile, cache_dir):
-        if data_root is None:
-            data_root = os.environ.get("BENCH_DATA") or "."
-        super().__init__(dict(settings or {}), data_root, profile, cache_dir)
-        if profile not in ("micro", "paper"):
-            raise BenchError(f"ade20k: unknown profile {profile!r} (micro or paper)")
+        super().__init__(settings, data_root, profile, cache_dir)
         self._prepared = False
         self._pairs: dict = {}
         self._mem: dict = {}
@@ -687,27 +680,7 @@ class ADE20KTask(TaskAdapter):
         self._prepared = True
 
     def _prepare_micro(self) -> None:
-        final = self.base
-        final.parent.mkdir(parents=True, exist_ok=True)
-        ImageNetTask._clean_stale_tmp(final)
-        if final.exists() and not (final / "README.txt").is_file():
-            # not written by us through the atomic rename (e.g. copied by hand and cut short): do not trust it
-            bad = final.with_name(f".{final.name}.bad-{uuid.uuid4().hex[:8]}")
-            os.replace(final, bad)
-            shutil.rmtree(bad, ignore_errors=True)
-        if final.exists():
-            return
-        tmp = final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-        try:
-            generate_micro(tmp, **self.micro_settings)
-            try:
-                os.rename(tmp, final)      # atomic: the folder appears complete or not at all
-            except OSError:
-                if not (final / "README.txt").is_file():   # not a concurrent writer that finished first
-                    raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        generate_atomically(self.base, lambda tmp: generate_micro(tmp, **self.micro_settings))
 
     def _split(self, split: str) -> str:
         if split not in SPLITS:

@@ -26,11 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
-import shutil
-import socket
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +37,7 @@ from torch import nn
 from bench.api import TaskAdapter
 from bench.errors import BenchError, MissingData
 from bench.registry import register_task
+from tasks.micro_data import generate_atomically
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -127,11 +124,7 @@ class Cifar10Task(TaskAdapter):
     layout = LAYOUT
 
     def __init__(self, settings, data_root, profile, cache_dir):
-        if data_root is None:
-            data_root = os.environ.get("BENCH_DATA") or "."
-        super().__init__(dict(settings or {}), data_root, profile, cache_dir)
-        if profile not in ("micro", "paper"):
-            raise BenchError(f"cifar10: unknown profile {profile!r} (micro or paper)")
+        super().__init__(settings, data_root, profile, cache_dir)
         self._data = None
 
     @property
@@ -185,26 +178,9 @@ class Cifar10Task(TaskAdapter):
                       "test": (xt, torch.tensor(te.targets, dtype=torch.long))}
 
     def _prepare_micro(self) -> None:
-        final = self.root
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists() and not (final / "README.txt").is_file():
-            bad = final.with_name(f".{final.name}.bad-{uuid.uuid4().hex[:8]}")
-            os.replace(final, bad)
-            shutil.rmtree(bad, ignore_errors=True)
-        if final.exists():
-            return
-        tmp = final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-        try:
-            s = self.micro_settings
-            generate_micro(tmp, s["train_per_class"], s["test_per_class"], s["seed"])
-            try:
-                os.rename(tmp, final)      # atomic: the folder appears complete or not at all
-            except OSError:
-                if not (final / "README.txt").is_file():
-                    raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        s = self.micro_settings
+        generate_atomically(self.root, lambda tmp: generate_micro(tmp, s["train_per_class"], s["test_per_class"],
+                                                                  s["seed"]))
 
     def split(self, split: str):
         if split not in ("train", "val", "test"):

@@ -24,10 +24,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import socket
-import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +34,7 @@ from torch import nn
 from bench.api import TaskAdapter
 from bench.errors import BenchError, MissingData
 from bench.registry import register_task
+from tasks.micro_data import generate_atomically
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -252,16 +249,6 @@ def list_classes(split_dir: Path, full: bool = False) -> dict[str, list[str]]:
     return dict(sorted(out.items()))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 # ----------------------------------------------------------------------------------------------------
 # batch-level augmentation for the in-memory micro splits
 # ----------------------------------------------------------------------------------------------------
@@ -309,11 +296,7 @@ class ImageNetTask(TaskAdapter):
     layout = LAYOUT
 
     def __init__(self, settings, data_root, profile, cache_dir):
-        if data_root is None:
-            data_root = os.environ.get("BENCH_DATA") or "."
-        super().__init__(dict(settings or {}), data_root, profile, cache_dir)
-        if profile not in ("micro", "paper"):
-            raise BenchError(f"imagenet: unknown profile {profile!r} (micro or paper)")
+        super().__init__(settings, data_root, profile, cache_dir)
         self._prepared = False
         self._classes: list[str] | None = None
         self._mem: dict = {}          # micro: decoded splits {"train": (uint8 images, labels), ...}
@@ -360,44 +343,7 @@ class ImageNetTask(TaskAdapter):
         self._prepared = True
 
     def _prepare_micro(self) -> None:
-        final = self.root
-        final.parent.mkdir(parents=True, exist_ok=True)
-        self._clean_stale_tmp(final)
-        if final.exists() and not (final / "README.txt").is_file():
-            # not written by us through the atomic rename (e.g. copied by hand and cut short): do not trust it
-            bad = final.with_name(f".{final.name}.bad-{uuid.uuid4().hex[:8]}")
-            os.replace(final, bad)
-            shutil.rmtree(bad, ignore_errors=True)
-        if final.exists():
-            return
-        tmp = final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-        try:
-            generate_micro(tmp, **self.micro_settings)
-            try:
-                os.rename(tmp, final)      # atomic: the folder appears complete or not at all
-            except OSError:
-                if not (final / "README.txt").is_file():   # not a concurrent writer that finished first
-                    raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-
-    @staticmethod
-    def _clean_stale_tmp(final: Path, max_age_s: float = 3600.0) -> None:
-        """Remove temp folders of interrupted generations (dead process on this host, or older than an hour)."""
-        host = socket.gethostname()
-        for p in final.parent.glob(f".{final.name}.tmp-*"):
-            parts = p.name[len(final.name) + 6:].rsplit("-", 2)   # host, pid, random
-            stale = True
-            if len(parts) == 3 and parts[0] == host and parts[1].isdigit():
-                stale = not _pid_alive(int(parts[1]))
-            else:
-                try:
-                    stale = time.time() - p.stat().st_mtime > max_age_s
-                except FileNotFoundError:
-                    continue
-            if stale:
-                shutil.rmtree(p, ignore_errors=True)
+        generate_atomically(self.root, lambda tmp: generate_micro(tmp, **self.micro_settings))
 
     def _missing(self, path: Path, what: str):
         how = ("Point the suite at the folder that contains `imagenet/` with `--data-root DIR` or the BENCH_DATA "

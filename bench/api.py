@@ -87,6 +87,13 @@ class TaskAdapter:
         """Synthetic inputs for FLOPs and throughput (the card's protocol names the shape)."""
         raise NotImplementedError
 
+    @staticmethod
+    def image_inputs(model_config: dict, batch_size: int, device, default_size) -> tuple:
+        """(randn(B, C, H, W),) for image models: size from the model's img_size (int or (H, W))."""
+        size = model_config.get("img_size", default_size)
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (torch.randn(batch_size, model_config.get("in_chans", 3), h, w, device=device),)
+
     def fingerprint(self) -> dict:
         """What identifies the data for caching (layout version, sizes, generator seed)."""
         return {"task": self.name, "profile": self.profile, "settings": self.settings}

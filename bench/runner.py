@@ -199,8 +199,8 @@ def _run_cell(cfg, session: Session, record: dict):
     record["model_tag"] = dense_info["model_tag"]
     record["timings"]["dense_s"] = round(dense_info["dense_s"], 3)
     dense_params = measure.count_params(model)
-    flop_inputs = task.dummy_inputs(cfg["model_config"], 1, "cpu")
-    dense_macs = measure.count_macs(copy.deepcopy(model).cpu(), flop_inputs)["macs"]
+    flop_inputs = task.dummy_inputs(cfg["model_config"], 1, device)   # count_macs works on any device
+    dense_macs = measure.count_macs(model, flop_inputs)["macs"]
 
     dense_copy = copy.deepcopy(model).cpu() if cfg["method"] != "dense" else None   # for paired timing
 
@@ -258,7 +258,7 @@ def _run_cell(cfg, session: Session, record: dict):
                         "removed": dense_params - total, "target_removed": round(target_removed),
                         "achieved_reduction": (dense_params - total) / basis if basis else 0.0,
                         "target_reduction": cfg["ratio"]["p"], "basis": cfg.get("ratio_basis", "prunable")}
-    macs = measure.count_macs(copy.deepcopy(model).cpu(), flop_inputs)
+    macs = measure.count_macs(model, flop_inputs)
     record["flops"] = {"macs": macs["macs"], "dense_macs": dense_macs,
                        "input_spec": "x".join(str(s) for s in flop_inputs[0].shape),
                        "counter": "bench.dispatch", "convention": "fma1_attn_incl"}

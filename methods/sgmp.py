@@ -65,9 +65,10 @@ class SGMP(Method):
             new = select_for_method(ctx, st, unit_scores(ctx.model, st, norm), s_t, allocation, already_removed=removed)
             keep.update(new)
             state["masks"] = param_masks(ctx.model, st, keep)
-            history.append({"step": step, "target": round(s_t, 6),
-                            "kept_units": {k: int(sum(int(v.sum()) for g, v in keep.items() if g.endswith(k)))
-                                           for k in (":" + kk for kk in st.kinds())}})
+            kept_units = {}   # per kind, keyed ":<kind>" like the group-name suffix
+            for g in st:
+                kept_units[":" + g.kind] = kept_units.get(":" + g.kind, 0) + int(keep[g.name].sum())
+            history.append({"step": step, "target": round(s_t, 6), "kept_units": kept_units})
 
         def on_step(step, _total):
             if step in event_steps:

@@ -163,8 +163,9 @@ class UPop(Method):
         total = max(1, int(round(s["search_epochs"] * ctx.task.steps_per_epoch(s["batch_size"]))))
         at_step0 = bool(opts.get("update_at_step0", False))
         w_attn, w_mlp = float(s.get("w_sp_attn", 0.0)), float(s.get("w_sp_mlp", 0.0))
-        attn_masks = [m for n, m in masks.items() if st.by_name()[n].kind in ATTN_KINDS]
-        ffn_masks = [m for n, m in masks.items() if st.by_name()[n].kind in FFN_KINDS]
+        kind_of = {g.name: g.kind for g in groups}
+        attn_masks = [m for n, m in masks.items() if kind_of[n] in ATTN_KINDS]
+        ffn_masks = [m for n, m in masks.items() if kind_of[n] in FFN_KINDS]
         history = []
 
         def l1():

@@ -36,7 +36,6 @@ neither in the ground truth nor predicted is undefined and left out of the mean 
 from __future__ import annotations
 
 import colorsys
-import hashlib
 import json
 import math
 import os
@@ -51,7 +50,7 @@ from torch import nn
 from bench.api import TaskAdapter
 from bench.errors import BenchError, MissingData
 from bench.registry import register_task
-from tasks.micro_data import generate_atomically
+from tasks.micro_data import generate_atomically, micro_folder
 
 IGNORE_INDEX = 255
 LAYOUT_VERSION = 1
@@ -659,9 +658,8 @@ class ADE20KTask(TaskAdapter):
     def base(self) -> Path:
         if self.profile == "paper":
             return self.data_root / "ade20k"
-        s = self.micro_settings
-        h = hashlib.sha256(json.dumps({**s, "generator": GENERATOR_VERSION, "scene": MICRO_SCENE}, sort_keys=True).encode())
-        return self.cache_dir / "data" / f"ade20k_micro-{h.hexdigest()[:10]}"
+        return micro_folder(self.cache_dir, "ade20k",
+                            {**self.micro_settings, "generator": GENERATOR_VERSION, "scene": MICRO_SCENE})
 
     @property
     def root(self) -> Path:
@@ -816,9 +814,7 @@ class ADE20KTask(TaskAdapter):
 
     # ---------------------------------------------------------------- measuring and caching
     def dummy_inputs(self, model_config: dict, batch_size: int, device) -> tuple:
-        S = model_config.get("img_size", self.crop_size)
-        h, w = (S, S) if isinstance(S, int) else tuple(S)
-        return (torch.randn(batch_size, model_config.get("in_chans", 3), h, w, device=device),)
+        return self.image_inputs(model_config, batch_size, device, self.crop_size)
 
     def fingerprint(self) -> dict:
         fp = {"task": self.name, "profile": self.profile, "layout_version": LAYOUT_VERSION,

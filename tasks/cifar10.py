@@ -24,7 +24,6 @@ Profiles
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 from pathlib import Path
@@ -37,7 +36,7 @@ from torch import nn
 from bench.api import TaskAdapter
 from bench.errors import BenchError, MissingData
 from bench.registry import register_task
-from tasks.micro_data import generate_atomically
+from tasks.micro_data import generate_atomically, micro_folder
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -146,8 +145,7 @@ class Cifar10Task(TaskAdapter):
         if self.profile == "paper":
             return self.data_root / "cifar10"
         s = {k: v for k, v in self.micro_settings.items() if k != "holdout_per_class"}
-        h = hashlib.sha256(json.dumps({**s, "generator": GENERATOR_VERSION}, sort_keys=True).encode())
-        return self.cache_dir / "data" / f"cifar10_micro-{h.hexdigest()[:10]}"
+        return micro_folder(self.cache_dir, "cifar10", {**s, "generator": GENERATOR_VERSION})
 
     # ---------------------------------------------------------------- prepare
     def prepare(self) -> None:
@@ -250,9 +248,7 @@ class Cifar10Task(TaskAdapter):
         return {"top1": 100.0 * correct / x.shape[0], "n": int(x.shape[0])}
 
     def dummy_inputs(self, model_config: dict, batch_size: int, device) -> tuple:
-        S = model_config.get("img_size", self.image_size)
-        h, w = (S, S) if isinstance(S, int) else tuple(S)
-        return (torch.randn(batch_size, model_config.get("in_chans", 3), h, w, device=device),)
+        return self.image_inputs(model_config, batch_size, device, self.image_size)
 
     def fingerprint(self) -> dict:
         fp = {"task": self.name, "profile": self.profile, "layout_version": LAYOUT_VERSION,

@@ -20,7 +20,6 @@ Profiles
 from __future__ import annotations
 
 import colorsys
-import hashlib
 import json
 import math
 import os
@@ -34,7 +33,7 @@ from torch import nn
 from bench.api import TaskAdapter
 from bench.errors import BenchError, MissingData
 from bench.registry import register_task
-from tasks.micro_data import generate_atomically
+from tasks.micro_data import generate_atomically, micro_folder
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -320,9 +319,8 @@ class ImageNetTask(TaskAdapter):
     def root(self) -> Path:
         if self.profile == "paper":
             return self.data_root / "imagenet"
-        s = self.micro_settings
-        h = hashlib.sha256(json.dumps({**s, "generator": GENERATOR_VERSION, "scene": MICRO_SCENE}, sort_keys=True).encode())
-        return self.cache_dir / "data" / f"imagenet_micro-{h.hexdigest()[:10]}"
+        return micro_folder(self.cache_dir, "imagenet",
+                            {**self.micro_settings, "generator": GENERATOR_VERSION, "scene": MICRO_SCENE})
 
     @property
     def classes(self) -> list[str]:
@@ -569,9 +567,7 @@ class ImageNetTask(TaskAdapter):
 
     # ---------------------------------------------------------------- measuring and caching
     def dummy_inputs(self, model_config: dict, batch_size: int, device) -> tuple:
-        S = model_config.get("img_size", self.image_size)
-        h, w = (S, S) if isinstance(S, int) else tuple(S)
-        return (torch.randn(batch_size, model_config.get("in_chans", 3), h, w, device=device),)
+        return self.image_inputs(model_config, batch_size, device, self.image_size)
 
     def fingerprint(self) -> dict:
         fp = {"task": self.name, "profile": self.profile, "layout_version": LAYOUT_VERSION}

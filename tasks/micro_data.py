@@ -63,3 +63,12 @@ def generate_atomically(final: Path, generate: Callable[[Path], None]) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def micro_folder(cache_dir: Path, name: str, identity: dict) -> Path:
+    """`<cache>/data/<name>_micro-<hash>`: the hash covers everything that shapes the generated data
+    (settings, generator version, scene description), so a change starts a new folder."""
+    import hashlib
+    import json
+    h = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+    return Path(cache_dir) / "data" / f"{name}_micro-{h}"

@@ -50,6 +50,11 @@ class ModelAdapter:
         the forward. Added by the adapters that support it."""
         raise NotImplementedError(f"{self.family} has no activation masks")
 
+    def set_unit_masks(self, model: nn.Module, structure: Structure, masks: dict) -> None:
+        """Replace the activation masks the forward uses ({group name: tensor}), e.g. masks sampled anew at
+        every step (VTrans). Added by the adapters that support it."""
+        raise NotImplementedError(f"{self.family} cannot set activation masks")
+
 
 class TaskAdapter:
     """One task. Subclasses set `name`, `metrics` ({name: higher_is_better}) and implement the methods."""
@@ -86,6 +91,13 @@ class TaskAdapter:
     def dummy_inputs(self, model_config: dict, batch_size: int, device) -> tuple:
         """Synthetic inputs for FLOPs and throughput (the card's protocol names the shape)."""
         raise NotImplementedError
+
+    def flops_forwards(self, model_config: dict, device) -> dict:
+        """The card's FLOPs protocols: {label: (args, kwargs)} for one `model(*args, **kwargs)` each. The first
+        entry is the paper's protocol (some papers count a training-style forward); an entry whose label
+        starts with "inference" is the inference-only count. Must not need the data on disk (the `flops`
+        command builds the task without preparing it) and must run on `meta`."""
+        return {"inference": (self.dummy_inputs(model_config, 1, device), {})}
 
     @staticmethod
     def image_inputs(model_config: dict, batch_size: int, device, default_size) -> tuple:

@@ -65,6 +65,7 @@ def ratio_by_label(card: dict) -> dict:
 
 
 DENSE_RATIO = {"label": "1x", "p": 0.0}
+REFERENCE_ROW_KEYS = ("method", "ratio", "source", "note", "part")   # the rest of a reference row are values
 
 
 def validate_card(card: dict) -> list:
@@ -86,9 +87,17 @@ def validate_card(card: dict) -> list:
     need(card, "version", "card", int)
     need(card, "title", "card", str)
     need(card, "paper", "card", str)
-    task = need(card, "task", "card", str)
-    if task and task not in TASKS:
-        errs.append(str(UnknownName("task", task, TASKS.names())))
+    if "tasks" in card:   # multi-task card (e.g. the eight GLUE tasks); a profile may run a subset
+        tasks = need(card, "tasks", "card", list) or []
+        for pr in (card.get("profiles") or {}).values():
+            sub = (pr or {}).get("tasks") if isinstance(pr, dict) else None
+            if sub is not None and not (isinstance(sub, list) and set(sub) <= set(tasks)):
+                errs.append(f"a profile's tasks {sub} must be a sub-list of the card's tasks {tasks}")
+    else:
+        tasks = [t for t in [need(card, "task", "card", str)] if t]
+    for t in tasks:
+        if t not in TASKS:
+            errs.append(str(UnknownName("task", t, TASKS.names())))
     model = need(card, "model", "card", str)
     if model and model not in MODELS:
         errs.append(str(UnknownName("model", model, MODELS.names())))
@@ -120,10 +129,17 @@ def validate_card(card: dict) -> list:
             errs.append(f"metrics[{i}]: 'higher_is_better' must be true or false")
         if n:
             metric_names.add(n)
-        if task and task in TASKS and n and n not in TASKS.get(task).metrics:
-            errs.append(f"metrics[{i}]: task {task} does not compute {n!r} (it has {sorted(TASKS.get(task).metrics)})")
-    if metrics and sum(bool(m.get("primary")) for m in metrics if isinstance(m, dict)) != 1:
-        errs.append("metrics: exactly one metric must have 'primary: true'")
+        mt = m.get("task") if isinstance(m, dict) else None
+        if mt is not None and mt not in tasks:
+            errs.append(f"metrics[{i}]: task {mt!r} is not one of the card's tasks {tasks}")
+        for t in ([mt] if mt else tasks):
+            if t in TASKS and n and n not in TASKS.get(t).metrics:
+                errs.append(f"metrics[{i}]: task {t} does not compute {n!r} (it has {sorted(TASKS.get(t).metrics)}); "
+                            "give the metric a 'task:' key if only some tasks compute it")
+    for t in tasks:
+        of_t = [m for m in metrics if isinstance(m, dict) and m.get("task", t) == t]
+        if of_t and sum(bool(m.get("primary")) for m in of_t) != 1:
+            errs.append(f"metrics: exactly one metric {'of ' + t + ' ' if len(tasks) > 1 else ''}must have 'primary: true'")
     need(card, "selection", "card", str)
     proto = need(card, "protocol", "card", dict) or {}
     fl = need(proto, "flops", "protocol", dict) or {}
@@ -137,8 +153,13 @@ def validate_card(card: dict) -> list:
         if not pr:
             continue
         arch = need(pr, "model", f"profiles.{prof}")
-        if arch and arch not in MODELS:
-            errs.append(str(UnknownName("model", arch, MODELS.names())))
+        for a in [arch] + list((pr.get("models") or {}).values()):
+            if a and a not in MODELS:
+                errs.append(str(UnknownName("model", a, MODELS.names())))
+        for r in ratios:
+            rm = r.get("model") if isinstance(r, dict) else None
+            if rm and rm != model and rm not in (pr.get("models") or {}) and rm not in MODELS:
+                errs.append(f"ratios: model {rm!r} has no architecture in profiles.{prof}.models")
         if not isinstance(pr.get("data"), dict):
             errs.append(f"profiles.{prof}: missing 'data' (a mapping, may be empty)")
         if any(METHODS.get(m).finetune for m in methods if m in METHODS):
@@ -149,7 +170,7 @@ def validate_card(card: dict) -> list:
             de = need(pr, "dense", "profiles.micro", dict) or {}
             for k in ("epochs", "lr", "batch_size"):
                 need(de, k, "profiles.micro.dense")
-        if prof == "paper":
+        if prof == "paper" and not pr.get("checkpoints"):
             need(pr, "checkpoint", "profiles.paper")
     refs = need(card, "references", "card", dict) or {}
     if refs:
@@ -167,7 +188,7 @@ def validate_card(card: dict) -> list:
             lab = need(row, "ratio", where)
             if lab is not None and str(lab) not in labels | {"1x"}:
                 errs.append(f"{where}: ratio {lab!r} is not a ratio label of this card")
-            values = {k: v for k, v in row.items() if k not in ("method", "ratio", "source", "note")}
+            values = {k: v for k, v in row.items() if k not in REFERENCE_ROW_KEYS}
             if not values:
                 errs.append(f"{where}: no reference values")
             for k, v in values.items():
@@ -212,12 +233,12 @@ def check_card(card: dict) -> dict:
     return card
 
 
-def reference_row(card: dict, method: str, ratio_label: str, profile: str):
+def reference_row(card: dict, method: str, ratio_label: str, profile: str, part: str | None = None):
     refs = card.get("references") or {}
     if refs.get("profile") != profile:
         return None
     for row in refs.get("rows", []):
-        if row["method"] == method and str(row["ratio"]) == str(ratio_label):
+        if row["method"] == method and str(row["ratio"]) == str(ratio_label) and row.get("part") in (None, part):
             return row
     return None
 

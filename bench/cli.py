@@ -182,23 +182,40 @@ def cmd_report(args):
 
 def cmd_flops(args):
     from bench import measure
-    from bench.runner import load_checked_card
+    from bench.runner import card_parts, load_checked_card
 
-    if args.table:
-        card = load_checked_card(args.table)
-        if args.profile not in card["profiles"]:
-            raise UnknownName("profile", args.profile, list(card["profiles"]))
-        arch = card["profiles"][args.profile]["model"]
-        overrides = card["profiles"][args.profile].get("model_config")
-        print(f"table {args.table}, {args.profile} profile, FLOPs input: {card['protocol']['flops']['input']}")
-    else:
+    if not args.table:
         from bench.registry import MODELS
         MODELS.get(args.model)
-        arch, overrides = args.model, None
-    res = measure.arch_flops(arch, overrides)
-    print(f"{arch}: params {res['params'] / 1e6:.2f} M ({res['params']:,}), "
-          f"FLOPs {res['macs'] / 1e9:.2f} G ({res['macs']:,} MACs, fvcore convention: 1 multiply-add = 1, "
-          f"attention matmuls and norms included) at input {res['input_spec']}, counted on the meta device")
+        res = measure.arch_flops(args.model)
+        print(f"{args.model}: params {res['params'] / 1e6:.2f} M ({res['params']:,}), "
+              f"FLOPs {res['macs'] / 1e9:.2f} G ({res['macs']:,} MACs, fvcore convention: 1 multiply-add = 1, "
+              f"attention matmuls and norms included) at input {res['input_spec']}, counted on the meta device")
+        return
+    from bench.config import Paths
+    from bench.registry import MODELS, TASKS
+
+    card = load_checked_card(args.table)
+    if args.profile not in card["profiles"]:
+        raise UnknownName("profile", args.profile, list(card["profiles"]))
+    prof = card["profiles"][args.profile]
+    paths = Paths.resolve()
+    print(f"table {args.table}, {args.profile} profile, FLOPs protocol: {' '.join(str(card['protocol']['flops']['input']).split())}")
+    print("counted on the meta device; fvcore convention: 1 multiply-add = 1 FLOP, attention matmuls and norms included")
+    seen = set()
+    for part in card_parts(card, args.profile):
+        key = (part["task"], part["arch"])
+        if key in seen:
+            continue
+        seen.add(key)
+        config = {**MODELS.get(part["arch"])[1], **(prof.get("model_config") or {})}
+        # the task object is only asked for its dummy inputs: nothing is read or generated
+        task = TASKS.get(part["task"])(prof.get("data") or {}, paths.data_root, args.profile, paths.cache)
+        res = measure.protocol_flops(part["arch"], config, lambda dev: task.flops_forwards(config, dev))
+        name = f"{part['part']}: " if part["part"] else ""
+        print(f"{name}{part['arch']}: params {res['params'] / 1e6:.2f} M ({res['params']:,})")
+        for label, r in res["protocols"].items():
+            print(f"  FLOPs {r['macs'] / 1e9:.2f} G ({r['macs']:,} MACs) [{label}] at input {r['input_spec']}")
 
 
 def cmd_speed(args):

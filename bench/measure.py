@@ -339,7 +339,7 @@ def _image_inputs(config: dict, batch_size: int, device) -> tuple:
     return (torch.zeros(batch_size, chans, h, w, device=device),)
 
 
-def _input_spec(inputs) -> str:
+def input_spec(inputs) -> str:
     leaves, _ = tree_flatten(inputs)
     return "+".join("x".join(str(int(s)) for s in t.shape) for t in leaves if isinstance(t, torch.Tensor))
 
@@ -363,8 +363,24 @@ def arch_flops(arch: str, config_overrides: dict | None = None, batch_size: int 
     if not isinstance(inputs, (tuple, list)):
         inputs = (inputs,)
     res = count_macs(model, tuple(inputs))
-    return {"arch": arch, "params": count_params(model), "macs": res["macs"], "input_spec": _input_spec(inputs),
+    return {"arch": arch, "params": count_params(model), "macs": res["macs"], "input_spec": input_spec(inputs),
             "by_op": res["by_op"], "by_kind": res["by_kind"]}
+
+
+def protocol_flops(arch: str, config: dict, forwards: Callable) -> dict:
+    """Params and the MACs of each FLOPs protocol of a card, on `meta`: `forwards(device)` returns
+    {label: (args, kwargs)} (the task's flops_forwards). Returns {"params", "protocols": {label: {macs, input_spec}}}."""
+    from bench.registry import MODELS
+
+    cls, _ = MODELS.get(arch)
+    adapter = cls(arch, config)
+    meta = torch.device("meta")
+    with meta:
+        model = adapter.build()
+    out = {}
+    for label, (args, kwargs) in forwards(meta).items():
+        out[label] = {"macs": count_macs(model, args, kwargs)["macs"], "input_spec": input_spec((args, kwargs))}
+    return {"arch": arch, "params": count_params(model), "protocols": out}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,6 +38,8 @@ LEADERBOARD_COLUMNS = [
     "peak_mem_mb",
     # provenance
     "device_name", "torch", "timm", "transformers", "open_clip", "bench_version", "git_sha", "run_id", "date_utc",
+    # appended: multi-part cards, the inference-only FLOPs count, method wall times
+    "part", "gmacs_inference", "compress_s", "finetune_s",
 ]
 
 STATUS_WORDS = {"pass": "PASSED", "fail": "FAILED", "no_ref": "NO-REF", "error": "ERROR"}
@@ -59,6 +61,10 @@ def card_metrics(card: dict) -> list[dict]:
         m.setdefault("higher_is_better", True)
         out.append(m)
     return out
+
+
+def _primary_names(card: dict, task) -> set:
+    return {m["name"] for m in card_metrics(card) if m.get("primary") and m.get("task") in (None, task)}
 
 
 def primary_metric(card: dict) -> dict | None:
@@ -205,12 +211,19 @@ def _card_order(card: dict):
         methods.remove("dense")
     methods.insert(0, "dense")
     ratio_index = {r["label"]: i for i, r in enumerate(card_ratios(card))}
+    models = list(dict.fromkeys(r.get("model") or card.get("model") for r in card.get("ratios") or []
+                                if isinstance(r, dict)))
+    tasks = card.get("tasks") or [card.get("task")]
+    part_index = {"/".join(x for x, multi in ((t, "tasks" in card), (mo, len(models) > 1)) if multi) or None: i
+                  for i, (t, mo) in enumerate((t, mo) for t in tasks for mo in models)}
 
     def key(cell):
         m = cell["method"]
         mi = methods.index(m) if m in methods else len(methods)
         p = _num(cell["ratio_p"])
-        return (cell["profile"], mi, m, p if p is not None else math.inf,
+        part = cell.get("part")
+        return (cell["profile"], part_index.get(part, len(part_index)), str(part or ""), mi, m,
+                p if p is not None else math.inf,
                 ratio_index.get(cell["ratio_label"], len(ratio_index)), str(cell["ratio_label"]))
     return key
 
@@ -252,23 +265,23 @@ def _aggregate(card: dict, records) -> list[dict]:
     records = [r for r in records if r and (table is None or r.get("table") == table)]
     groups: dict = {}
     for r in records:
-        groups.setdefault((r.get("profile"), r.get("method"), str(r.get("ratio_label"))), []).append(r)
+        groups.setdefault((r.get("profile"), r.get("part"), r.get("method"), str(r.get("ratio_label"))), []).append(r)
     metric_names = _metric_names(card, records)
 
-    dense_by_profile = {prof: recs for (prof, meth, _), recs in groups.items() if meth == "dense"}
+    dense_by_part = {(prof, part): recs for (prof, part, meth, _), recs in groups.items() if meth == "dense"}
 
     def speed_key(r):
         s = r.get("speed") or {}
         return (s.get("device"), s.get("precision"), s.get("batch_size"), _get(r, "env", "device_name"))
 
     cells = []
-    for (profile, method, label), recs in groups.items():
+    for (profile, part, method, label), recs in groups.items():
         recs = sorted(recs, key=lambda r: (r.get("seed") is None, r.get("seed") or 0, r.get("date_utc") or ""))
         by_date = sorted(recs, key=lambda r: r.get("date_utc") or "")
         ok = [r for r in recs if r.get("status") != "error"]
-        dense = [r for r in dense_by_profile.get(profile, []) if r.get("status") != "error"]
+        dense = [r for r in dense_by_part.get((profile, part), []) if r.get("status") != "error"]
         cell = {
-            "profile": profile, "method": method, "ratio_label": label, "records": recs,
+            "profile": profile, "part": part, "method": method, "ratio_label": label, "records": recs,
             "table_id": _first(r.get("table") for r in recs),
             "table_version": _first(r.get("table_version") for r in recs) or card.get("version"),
             "task": _first(r.get("task") for r in recs) or card.get("task"),
@@ -307,6 +320,11 @@ def _aggregate(card: dict, records) -> list[dict]:
         cell["flop_counter"] = _first(_get(r, "flops", "counter") for r in recs)
         cell["flop_convention"] = _first(_get(r, "flops", "convention") for r in recs)
         cell["flop_input_spec"] = _first(_get(r, "flops", "input_spec") for r in recs)
+        inference = _mean(_get(r, "flops", "inference_macs") for r in ok)
+        cell["gmacs_inference"] = inference / 1e9 if inference is not None else None
+        # compression wall time: the method's own search/pruning time (VTrans's claim is speed), then finetune
+        cell["compress_s"] = _mean(_get(r, "timings", "prune_s") for r in ok)
+        cell["finetune_s"] = _mean(_get(r, "timings", "finetune_s") for r in ok)
         # speed: the most common (device, precision, batch) among the seeds
         sp = [r for r in ok if r.get("speed")]
         if sp:
@@ -335,7 +353,11 @@ def _aggregate(card: dict, records) -> list[dict]:
         # quality, per metric
         card_m = {m["name"]: m for m in card_metrics(card)}
         cell["metrics"] = {}
+        task = cell["task"]
+        applies = {m["name"] for m in card_metrics(card) if m.get("task") in (None, task)}
         for name in metric_names:
+            if card_m and name not in applies:   # multi-task cards: each task has its own metrics
+                continue
             vals = [_get(r, "metrics", name) for r in ok]
             value = _mean(vals)
             dvalue = _mean(_get(r, "metrics", name) for r in dense)
@@ -536,13 +558,18 @@ def _status_text(cell: dict) -> str:
 
 
 def _table_cells(card: dict, cells: list, pm: str) -> tuple[list, list]:
-    metrics = [m["name"] for m in card_metrics(card)] or (list(cells[0]["metrics"]) if cells else [])
+    metrics = list(dict.fromkeys(m["name"] for m in card_metrics(card))) or (list(cells[0]["metrics"]) if cells else [])
     multi = len({c["profile"] for c in cells}) > 1
-    header = (["Profile"] if multi else []) + ["Method", "Ratio"] + metrics + [
-        "Params M", "GFLOPs", "Throughput/s", "Speedup meas./FLOPs", "Status"]
+    parts = any(c.get("part") for c in cells)
+    part_col = "Task" if "tasks" in card else "Model"
+    inference = any(_num(c.get("gmacs_inference")) is not None for c in cells)
+    header = (["Profile"] if multi else []) + ([part_col] if parts else []) + ["Method", "Ratio"] + metrics + [
+        "Params M", "GFLOPs"] + (["GFLOPs inf."] if inference else []) + [
+        "Throughput/s", "Speedup meas./FLOPs", "Compress s", "Status"]
     body = []
     for c in cells:
-        row = ([str(c["profile"])] if multi else []) + [_method_name(c), str(c["ratio_label"])]
+        row = ([str(c["profile"])] if multi else []) + ([str(c.get("part") or "")] if parts else []) + [
+            _method_name(c), str(c["ratio_label"])]
         for name in metrics:
             m = c["metrics"].get(name) or {}
             d = _metric_decimals(card, name)
@@ -563,7 +590,9 @@ def _table_cells(card: dict, cells: list, pm: str) -> tuple[list, list]:
             g += f" (-{100 * c['macs_reduction']:.1f}%)"
         meas = f"{c['speedup_measured']:.2f}x" if _num(c["speedup_measured"]) is not None else "-"
         theo = f"{c['speedup_theoretical']:.2f}x" if _num(c["speedup_theoretical"]) is not None else "-"
-        row += [p, g, _fmt(c["throughput_sps"]), f"{meas} / {theo}", _status_text(c)]
+        row += [p, g] + ([_fmt(c.get("gmacs_inference"))] if inference else []) + [
+            _fmt(c["throughput_sps"]), f"{meas} / {theo}",
+            _fmt(c.get("compress_s"), 1) if c["method"] != "dense" else "-", _status_text(c)]
         body.append(row)
     return header, body
 
@@ -601,7 +630,12 @@ def _footnotes(card: dict, cells: list) -> tuple[list, list, list]:
         notes.append(f"Ratio: {' '.join(str(card['ratio_meaning']).split())}")
     notes.append("Params: all parameters of the deployed model, in millions; in parentheses the achieved "
                  "reduction of the prunable parameters. GFLOPs: multiply-accumulates / 1e9 (one MAC = one FLOP), "
-                 "in parentheses the reduction vs dense. Metric deltas in parentheses are vs the dense row.")
+                 "in parentheses the reduction vs dense. Metric deltas in parentheses are vs the dense row. "
+                 "Compress s: wall time of the method's search/pruning (before the common finetune), seconds.")
+    if any(_num(c.get("gmacs_inference")) is not None for c in cells):
+        notes.append("GFLOPs follows the paper's FLOPs protocol (" + " ".join(str(
+            (card.get("protocol") or {}).get("flops", {}).get("input", "")).split()) + "); GFLOPs inf. is the "
+            "inference-only forward of the same model, counted the same way.")
     speeds = Counter()
     for c in cells:
         if _num(c["throughput_sps"]) is not None:
@@ -618,7 +652,7 @@ def _footnotes(card: dict, cells: list) -> tuple[list, list, list]:
     return [head], ((ref_header, ref_body) if ref_header else None), notes
 
 
-_TEXT_COLUMNS = ("Method", "Ratio", "Profile", "Status", "layer", "modality")
+_TEXT_COLUMNS = ("Method", "Ratio", "Profile", "Task", "Model", "Status", "layer", "modality")
 
 
 def _aligned(header, body) -> list[str]:
@@ -725,19 +759,22 @@ def plot(card: dict, records, path) -> Path:
 
     series: dict = {}
     for c in cells:
-        label = _method_name(c) + (f" [{c['profile']}]" if multi else "")
-        series.setdefault((c["profile"], c["method"], label), []).append(c)
-    dense_cells = {c["profile"]: c for c in cells if c["method"] == "dense"}
+        label = _method_name(c) + (f" [{c['profile']}]" if multi else "") + (f" [{c['part']}]" if c.get("part") else "")
+        series.setdefault((c["profile"], c.get("part"), c["method"], label), []).append(c)
+    dense_cells = {(c["profile"], c.get("part")): c for c in cells if c["method"] == "dense"}
+
+    def y_of(c):   # multi-task cards: each task's own primary metric
+        m = c["metrics"].get(name) or next((c["metrics"][n] for n in c["metrics"]
+                                            if n in _primary_names(card, c.get("task"))), {})
+        return _num(m.get("value")), _num(m.get("std")) or 0.0
 
     fig = Figure(figsize=(11, 4.4), dpi=110)
     FigureCanvasAgg(fig)  # the Agg backend, without touching pyplot's global state
     axes = fig.subplots(1, 2)
     for ax, xkey, rkey, xlabel in ((axes[0], "params_m", "params_m", "Params (M)"),
                                    (axes[1], "gmacs", "gflops", "GFLOPs (GMACs, 1 MAC = 1 FLOP)")):
-        for (profile, method, label), cs in series.items():
-            pts = sorted(((_num(c[xkey]), _num(c["metrics"].get(name, {}).get("value")),
-                           _num(c["metrics"].get(name, {}).get("std")) or 0.0, _num(c["ratio_p"]) or 0.0)
-                          for c in cs), key=lambda t: t[3])
+        for (profile, part, method, label), cs in series.items():
+            pts = sorted(((_num(c[xkey]), *y_of(c), _num(c["ratio_p"]) or 0.0) for c in cs), key=lambda t: t[3])
             pts = [t for t in pts if t[0] is not None and t[1] is not None]
             if not pts:
                 continue
@@ -746,9 +783,9 @@ def plot(card: dict, records, path) -> Path:
                 ax.plot(xs, ys, linestyle="none", marker="*", markersize=14, color="black", label=label, zorder=5)
                 ax.axhline(ys[0], color="black", linestyle=":", linewidth=0.8)
                 continue
-            d = dense_cells.get(profile)
+            d = dense_cells.get((profile, part))
             dx = _num(d[xkey]) if d else None
-            dy = _num(d["metrics"].get(name, {}).get("value")) if d else None
+            dy = y_of(d)[0] if d else None
             if dx is not None and dy is not None:   # each curve starts at the dense model
                 ax.plot([dx, xs[0]], [dy, ys[0]], color=colors[method], linestyle=":", linewidth=1)
             ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", color=colors[method], label=label,
@@ -880,21 +917,24 @@ def relation_checks(card: dict, records) -> list:
     vals: dict = {}
     speed: dict = {}
     profiles = set()
+    part_of_ratio: dict = {}   # multi-model cards: a ratio's dense row is the dense row of its own model
     for r in records:
         if r.get("status") == "error":
             continue
         profiles.add(r.get("profile"))
+        if r["method"] != "dense":
+            part_of_ratio[str(r["ratio_label"])] = r.get("part")
+        label = str(r["ratio_label"]) if r["method"] != "dense" else ("1x", r.get("part"))
         for k, v in (r.get("metrics") or {}).items():
-            vals.setdefault((r["method"], str(r["ratio_label"]), k), []).append(v)
+            vals.setdefault((r["method"], label, k), []).append(v)
         sp = (r.get("speed") or {}).get("speedup_measured")
         if sp is not None:
             speed.setdefault((r["method"], str(r["ratio_label"])), []).append(sp)
     judged = profiles == {ref_profile}
 
     def metric(method, ratio, name):
-        if method == "dense":
-            ratio = "1x"
-        v = vals.get((method, str(ratio), name))
+        key = ("1x", part_of_ratio.get(str(ratio))) if method == "dense" else str(ratio)
+        v = vals.get((method, key, name))
         if v:
             return sum(v) / len(v)
         comp = comparators.get((method, str(ratio)))
@@ -907,10 +947,10 @@ def relation_checks(card: dict, records) -> list:
         for ratio in [str(x) for x in (rel.get("ratios") or [rel.get("ratio")])]:
             m = metric(rel["method"], ratio, rel.get("metric"))
             if kind == "no_loss_vs_dense":
-                d = metric("dense", "1x", rel["metric"])
+                d = metric("dense", ratio, rel["metric"])
                 checks.append(None if None in (m, d) else (m - d, f"{rel['method']} - dense = {m - d:+.2f}", m - d >= -tol))
             elif kind == "below_dense_by":
-                d = metric("dense", "1x", rel["metric"])
+                d = metric("dense", ratio, rel["metric"])
                 checks.append(None if None in (m, d) else (d - m, f"dense - {rel['method']} = {d - m:+.2f} (claim <= {rel['by']})",
                                                            d - m <= rel["by"] + tol))
             elif kind == "above":

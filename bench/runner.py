@@ -18,7 +18,7 @@ import torch
 
 from bench import measure
 from bench.api import CellContext, RatioSpec
-from bench.cards import DENSE_RATIO, check_card, load_card, ratio_by_label, reference_row, within
+from bench.cards import DENSE_RATIO, REFERENCE_ROW_KEYS, check_card, load_card, ratio_by_label, reference_row, within
 from bench.config import Paths
 from bench.errors import BenchError, CellFailure, MissingData, UnknownName
 from bench.records import RECORD_VERSION, cell_dir, config_hash, load_records, read_record, record_path, write_record
@@ -49,6 +49,23 @@ def _parse_list(value, kind, known, cast=str):
     return items
 
 
+def card_parts(card: dict, profile: str) -> list:
+    """The (task, model) parts of a card: one for most cards; several when the card lists `tasks:` (GLUE)
+    or when ratios name their own `model:` (GOHSP: DeiT-Tiny at 30%, DeiT-Small at 35% and 50%).
+    Returns [{"part": name or None, "task", "model_name", "arch", "ratios": [ratio dicts]}]."""
+    prof = card["profiles"][profile]
+    tasks = prof.get("tasks") or card.get("tasks") or [card["task"]]
+    names = list(dict.fromkeys(r.get("model") or card["model"] for r in card["ratios"]))
+    arch_of = {card["model"]: prof["model"], **(prof.get("models") or {})}
+    parts = []
+    for t in tasks:
+        for name in names:
+            part = "/".join(x for x, multi in ((t, "tasks" in card), (name, len(names) > 1)) if multi) or None
+            parts.append({"part": part, "task": t, "model_name": name, "arch": arch_of.get(name, name),
+                          "ratios": [r for r in card["ratios"] if (r.get("model") or card["model"]) == name]})
+    return parts
+
+
 def expand_cells(card: dict, profile: str, methods=None, ratios=None, seeds=None, device="cpu") -> list:
     """The resolved config of every cell the card asks for under `profile`, filtered by the CLI lists."""
     if profile not in card["profiles"]:
@@ -58,38 +75,48 @@ def expand_cells(card: dict, profile: str, methods=None, ratios=None, seeds=None
     labels = list(ratio_by_label(card))
     ratio_sel = _parse_list(ratios, "ratio", labels + ["1x"]) or labels
     seeds = _parse_list(seeds, "seed", None, int) or [0]
-    arch = prof["model"]
-    _, arch_cfg = MODELS.get(arch)
-    model_cfg = {**arch_cfg, **(prof.get("model_config") or {})}
     throughput = {**card["protocol"]["throughput"], **(prof.get("throughput") or {})}
     cells = []
-    for m in sorted(methods, key=lambda m: (m != "dense", card["methods"].index(m))):
-        method = METHODS.get(m)
-        rlist = [DENSE_RATIO] if m == "dense" else [ratio_by_label(card)[lab] for lab in ratio_sel if lab != "1x"]
-        for r in rlist:
-            for seed in seeds:
-                cfg = {
-                    "record_version": RECORD_VERSION,
-                    "table": card["table"], "table_version": card["version"], "profile": profile,
-                    "task": card["task"], "data": prof.get("data") or {},
-                    "metrics": card["metrics"],
-                    "model": arch, "model_config": model_cfg,
-                    "checkpoint": prof.get("checkpoint") if profile == "paper" else None,
-                    "dense_training": prof.get("dense") if profile == "micro" else None,
-                    "method": m, "method_options": (card.get("method_options") or {}).get(m, {}),
-                    "method_settings": prof.get(method.settings_key or m) or {},
-                    "ratio": {"label": str(r["label"]), "p": float(r["p"])},
-                    "ratio_meaning": card["ratio_meaning"],
-                    "finetune": prof.get("finetune") if method.finetune or method.uses_finetune_budget else None,
-                    "seed": seed, "device": device,
-                    "protocol": {"flops": card["protocol"]["flops"], "throughput": throughput},
-                }
-                if card.get("ratio_basis", "prunable") != "prunable":   # only then: keeps older hashes valid
-                    cfg["ratio_basis"] = card["ratio_basis"]
-                cfg["hash"] = config_hash(cfg)
-                cfg["cell_id"] = f"{m}-{r['label']}-seed{seed}"
-                cells.append(cfg)
+    for part in card_parts(card, profile):
+        arch = part["arch"]
+        _, arch_cfg = MODELS.get(arch)
+        model_cfg = {**arch_cfg, **(prof.get("model_config") or {})}
+        metrics = [m for m in card["metrics"] if m.get("task", part["task"]) == part["task"]]
+        for m in sorted(methods, key=lambda m: (m != "dense", card["methods"].index(m))):
+            method = METHODS.get(m)
+            rlist = [DENSE_RATIO] if m == "dense" else [r for r in part["ratios"] if str(r["label"]) in ratio_sel]
+            for r in rlist:
+                for seed in seeds:
+                    cfg = {
+                        "record_version": RECORD_VERSION,
+                        "table": card["table"], "table_version": card["version"], "profile": profile,
+                        "task": part["task"], "data": prof.get("data") or {},
+                        "metrics": metrics,
+                        "model": arch, "model_config": model_cfg,
+                        "checkpoint": _checkpoint(prof, part) if profile == "paper" else None,
+                        "dense_training": prof.get("dense") if profile == "micro" else None,
+                        "method": m, "method_options": (card.get("method_options") or {}).get(m, {}),
+                        "method_settings": prof.get(method.settings_key or m) or {},
+                        "ratio": {"label": str(r["label"]), "p": float(r["p"])},
+                        "ratio_meaning": card["ratio_meaning"],
+                        "finetune": prof.get("finetune") if method.finetune or method.uses_finetune_budget else None,
+                        "seed": seed, "device": device,
+                        "protocol": {"flops": card["protocol"]["flops"], "throughput": throughput},
+                    }
+                    if card.get("ratio_basis", "prunable") != "prunable":   # only then: keeps older hashes valid
+                        cfg["ratio_basis"] = card["ratio_basis"]
+                    if part["part"]:                                        # likewise, multi-part cards only
+                        cfg["part"] = part["part"]
+                    cfg["hash"] = config_hash(cfg)
+                    prefix = f"{part['part'].replace('/', '-')}-" if part["part"] else ""
+                    cfg["cell_id"] = f"{prefix}{m}-{r['label']}-seed{seed}"
+                    cells.append(cfg)
     return cells
+
+
+def _checkpoint(prof: dict, part: dict):
+    """The paper checkpoint of a part: `checkpoints: {model name: file}` for multi-model cards."""
+    return (prof.get("checkpoints") or {}).get(part["model_name"]) or prof.get("checkpoint")
 
 
 class Session:
@@ -182,7 +209,8 @@ def _empty_record(cfg):
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "status": None, "reason": None,
         "table": cfg["table"], "table_version": cfg["table_version"], "profile": cfg["profile"],
-        "task": cfg["task"], "split": primary["split"], "model_arch": cfg["model"], "model_tag": None,
+        "task": cfg["task"], "part": cfg.get("part"), "split": primary["split"], "model_arch": cfg["model"],
+        "model_tag": None,
         "method": cfg["method"], "method_impl": METHODS.get(cfg["method"]).impl,
         "ratio_label": cfg["ratio"]["label"], "ratio_p": cfg["ratio"]["p"], "ratio_meaning": cfg["ratio_meaning"],
         "seed": cfg["seed"], "config": cfg, "metrics": {}, "metric_splits": {m["name"]: m["split"] for m in card_metrics},
@@ -199,8 +227,8 @@ def _run_cell(cfg, session: Session, record: dict):
     record["model_tag"] = dense_info["model_tag"]
     record["timings"]["dense_s"] = round(dense_info["dense_s"], 3)
     dense_params = measure.count_params(model)
-    flop_inputs = task.dummy_inputs(cfg["model_config"], 1, device)   # count_macs works on any device
-    dense_macs = measure.count_macs(model, flop_inputs)["macs"]
+    flop_forwards = task.flops_forwards(cfg["model_config"], device)   # count_macs works on any device
+    dense_macs = _count_protocols(model, flop_forwards)
 
     dense_copy = copy.deepcopy(model).cpu() if cfg["method"] != "dense" else None   # for paired timing
 
@@ -258,9 +286,13 @@ def _run_cell(cfg, session: Session, record: dict):
                         "removed": dense_params - total, "target_removed": round(target_removed),
                         "achieved_reduction": (dense_params - total) / basis if basis else 0.0,
                         "target_reduction": cfg["ratio"]["p"], "basis": cfg.get("ratio_basis", "prunable")}
-    macs = measure.count_macs(model, flop_inputs)
-    record["flops"] = {"macs": macs["macs"], "dense_macs": dense_macs,
-                       "input_spec": "x".join(str(s) for s in flop_inputs[0].shape),
+    macs = _count_protocols(model, flop_forwards)
+    paper_label = next(iter(flop_forwards))
+    inference_label = next((k for k in flop_forwards if k.startswith("inference")), None)
+    record["flops"] = {"macs": macs[paper_label], "dense_macs": dense_macs[paper_label],
+                       "protocol": paper_label, "by_protocol": macs, "dense_by_protocol": dense_macs,
+                       "inference_macs": macs.get(inference_label), "dense_inference_macs": dense_macs.get(inference_label),
+                       "input_spec": measure.input_spec(flop_forwards[paper_label][0]),
                        "counter": "bench.dispatch", "convention": "fma1_attn_incl"}
     tp = cfg["protocol"]["throughput"]
     model.to(device).eval()
@@ -270,6 +302,11 @@ def _run_cell(cfg, session: Session, record: dict):
                                            str(device))
     record["timings"]["measure_s"] = round(time.perf_counter() - t, 3)
     _judge(cfg, record, structure, counts)
+
+
+def _count_protocols(model, forwards: dict) -> dict:
+    """MACs of each FLOPs protocol of the card ({label: macs})."""
+    return {label: measure.count_macs(model, args, kwargs)["macs"] for label, (args, kwargs) in forwards.items()}
 
 
 def paired_throughput(model, dense, make_inputs, device: str, tp: dict) -> dict:
@@ -310,18 +347,18 @@ def _judge(cfg, record, structure, counts):
             problems.append(f"removed {record['params']['removed']} params, target {record['params']['target_removed']} "
                             f"(off by {gap} > one unit per kind = {one_unit})")
     card = load_card(cfg["table"])
-    ref = reference_row(card, cfg["method"], cfg["ratio"]["label"], cfg["profile"])
+    ref = reference_row(card, cfg["method"], cfg["ratio"]["label"], cfg["profile"], cfg.get("part"))
     checks = []
     if ref:
         tol = card["references"]["tolerance"]
         got = {**record["metrics"], "params_m": record["params"]["total"] / 1e6,
                "gflops": record["flops"]["macs"] / 1e9}
         for k, paper in ref.items():
-            if k in ("method", "ratio", "source", "note"):
+            if k in REFERENCE_ROW_KEYS:
                 continue
             ok = within(got[k], paper, tol[k])
             checks.append({"name": k, "value": got[k], "paper": paper, "tolerance": tol[k], "ok": ok})
-        record["reference"] = {"values": {k: v for k, v in ref.items() if k not in ("method", "ratio", "source", "note")},
+        record["reference"] = {"values": {k: v for k, v in ref.items() if k not in REFERENCE_ROW_KEYS},
                                "source": ref.get("source") or card["references"]["source"],
                                "tolerance": tol, "checks": checks}
     bad = [c for c in checks if not c["ok"]]

@@ -91,6 +91,9 @@ class VitAdapter(ModelAdapter):
         "vit_small_cifar10": _deit(384, 6, img_size=32, patch_size=4, num_classes=10),
         # micro profile: 32x32 images, 8x8 patches -> 16 tokens + cls, trains on 2 CPU cores in a minute
         "vit_micro": _deit(96, 4, img_size=32, patch_size=4, depth=4, num_classes=10),
+        # the micro stand-in for DeiT-Tiny where a card has DeiT-Tiny and DeiT-Small rows: half vit_micro's
+        # width with 3 heads, as DeiT-Tiny is half of DeiT-Small with 3 heads
+        "vit_micro_tiny": _deit(48, 3, img_size=32, patch_size=4, depth=4, num_classes=10),
     }
     # config keys passed through to timm's VisionTransformer
     _TIMM_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
@@ -134,10 +137,12 @@ class VitAdapter(ModelAdapter):
     # UPop's official ViT/DeiT code keeps the softmax scale of the unsliced head_dim (spec §9.8)
     DEFAULT_ATTENTION_SCALE = "fixed"
 
+    MASK_ATTRS = {"head_dim": "dim_mask", "head": "head_mask", "ffn": "neuron_mask"}
+
     def attach_unit_masks(self, model, structure, kinds=("head_dim", "ffn")):
         """Activation masks of ones (requires_grad, not nn.Parameters, so no optimizer sees them):
         head_dim -> attn.dim_mask on q, k, v; head -> attn.head_mask; ffn -> mlp.neuron_mask."""
-        attr = {"head_dim": "dim_mask", "head": "head_mask", "ffn": "neuron_mask"}
+        attr = self.MASK_ATTRS
         masks = {}
         for g in structure:
             if g.kind not in kinds:
@@ -148,6 +153,12 @@ class VitAdapter(ModelAdapter):
             setattr(mod, attr[g.kind], m)
             masks[g.name] = m
         return masks
+
+    def set_unit_masks(self, model, structure, masks):
+        groups = structure.by_name()
+        for name, m in masks.items():
+            g = groups[name]
+            setattr(model.get_submodule(g.module), self.MASK_ATTRS[g.kind], m)
 
     def fix_modules(self, model, structure, keep, options):
         for g in structure:

@@ -103,7 +103,8 @@ def test_column_order_exact(tmp_path):
         "metric metric_value metric_dense metric_delta higher_is_better n_seeds metric_std seed_list "
         "paper_value paper_source tolerance status "
         "throughput_sps tput_batch_size latency_ms_bs1 speedup_measured speedup_theoretical precision peak_mem_mb "
-        "device_name torch timm transformers open_clip bench_version git_sha run_id date_utc").split()
+        "device_name torch timm transformers open_clip bench_version git_sha run_id date_utc "
+        "part gmacs_inference compress_s finetune_s").split()
     assert LEADERBOARD_COLUMNS == expected
     path = tmp_path / "out" / "lb.csv"
     write_leaderboard_csv(CARD, make_records(), path)

@@ -814,6 +814,23 @@ def plot(card: dict, records, path) -> Path:
 # ---------------------------------------------------------------------------------------------
 # retention
 
+def _retention_labels(ret: list) -> list:
+    """A row label per retention entry: its modality, plus the module's role inside the layer when one
+    layer has several groups of the same modality and kind (NLVR2's two cross-attentions per text layer:
+    "fusion crossattention.self0" and "fusion crossattention.self1")."""
+    seen = Counter((g.get("modality"), g.get("layer"), g.get("kind")) for g in ret)
+    split = {(m, k) for (m, layer, k), n in seen.items() if n > 1 and layer is not None}
+    labels = []
+    for g in ret:
+        label = str(g.get("modality"))
+        if (g.get("modality"), g.get("kind")) in split:
+            module = str(g.get("group", "")).split(":")[0]
+            role = module.split(f".{g.get('layer')}.", 1)[-1] if g.get("layer") is not None else module
+            label += f" {role}"
+        labels.append(label)
+    return labels
+
+
 def retention_table(record: dict) -> str:
     """Per layer (and modality), the fraction of units kept for each unit kind: "0.75 (48/64)".
     Groups without a layer (e.g. the hidden width) are shown as layer "-"; a last row sums each kind."""
@@ -821,12 +838,13 @@ def retention_table(record: dict) -> str:
     if not ret:
         return "no retention data (dense model or the cell did not finish)\n"
     kinds = list(dict.fromkeys(g.get("kind") for g in ret))
-    modalities = list(dict.fromkeys(g.get("modality") for g in ret))
+    labels = _retention_labels(ret)
+    modalities = list(dict.fromkeys(labels))
     multi = len(modalities) > 1
     acc: dict = {}
     totals = {k: [0, 0] for k in kinds}
-    for g in ret:
-        key = (g.get("modality"), g.get("layer"))
+    for g, label in zip(ret, labels):
+        key = (label, g.get("layer"))
         cell = acc.setdefault(key, {}).setdefault(g.get("kind"), [0, 0])
         cell[0] += int(g.get("kept") or 0)
         cell[1] += int(g.get("size") or 0)
@@ -857,13 +875,14 @@ def retention_heatmap(record: dict, path) -> Path:
     import numpy as np
 
     ret = record.get("retention") or []
-    rows = list(dict.fromkeys((g.get("modality"), g.get("kind")) for g in ret))
+    labels = _retention_labels(ret)
+    rows = list(dict.fromkeys((label, g.get("kind")) for g, label in zip(ret, labels)))
     layers = sorted({g.get("layer") for g in ret if g.get("layer") is not None})
     grid = np.full((max(1, len(rows)), max(1, len(layers))), np.nan)
-    for g in ret:
+    for g, label in zip(ret, labels):
         if g.get("layer") is None or not g.get("size"):
             continue
-        r, c = rows.index((g.get("modality"), g.get("kind"))), layers.index(g.get("layer"))
+        r, c = rows.index((label, g.get("kind"))), layers.index(g.get("layer"))
         prev = grid[r, c]
         grid[r, c] = g["kept"] / g["size"] if np.isnan(prev) else (prev + g["kept"] / g["size"]) / 2
     fig = Figure(figsize=(1.2 + 0.55 * max(1, len(layers)), 1.4 + 0.5 * max(1, len(rows))), dpi=110)
@@ -897,10 +916,14 @@ def retention_summary(card: dict, records) -> str:
         if r["method"] == "dense" or not ret:
             continue
         parts = []
-        for kind in dict.fromkeys(g["kind"] for g in ret):
-            gs = sorted((g for g in ret if g["kind"] == kind), key=lambda g: (str(g.get("modality")), g.get("layer") or 0))
+        labels = _retention_labels(ret)
+        multi = len(set(labels)) > 1
+        for label, kind in dict.fromkeys((label, g["kind"]) for g, label in zip(ret, labels)):
+            gs = sorted((g for g, lab in zip(ret, labels) if g["kind"] == kind and lab == label),
+                        key=lambda g: g.get("layer") or 0)
             total = sum(g["kept"] for g in gs) / max(1, sum(g["size"] for g in gs))
-            parts.append(f"{kind} {total:.2f} [" + " ".join(f"{g['kept'] / g['size']:.2f}" for g in gs) + "]")
+            name = f"{label} {kind}" if multi else kind
+            parts.append(f"{name} {total:.2f} [" + " ".join(f"{g['kept'] / g['size']:.2f}" for g in gs) + "]")
         lines.append(f"{r['method']:<14}{r['ratio_label']:>7} s{r['seed']}  " + "  ".join(parts))
     if not lines:
         return ""

@@ -449,3 +449,26 @@ def test_relation_checks_judged_and_info():
     assert st == ["PASS", "FAIL", "FAIL", "PASS", "PASS", "SKIPPED"]
     micro = [dict(r, profile="micro") for r in recs]
     assert [c["status"] for c in relation_checks(card, micro)][:5] == ["INFO", "INFO", "INFO", "SKIPPED", "INFO"]
+
+
+def test_retention_shows_each_modality_and_both_nlvr2_cross_attentions():
+    from bench.report import retention_summary, retention_table
+    ret = []
+    for layer in (0, 1):
+        ret += [{"group": f"vision.blocks.{layer}.attn:head_dim", "kind": "head_dim", "layer": layer,
+                 "modality": "vision", "kept": 8, "size": 16},
+                {"group": f"text.layer.{layer}.attention.self:head_dim", "kind": "head_dim", "layer": layer,
+                 "modality": "text", "kept": 4, "size": 16},
+                {"group": f"text.layer.{layer}.crossattention.self0:head_dim", "kind": "head_dim", "layer": layer,
+                 "modality": "fusion", "kept": 2, "size": 16},
+                {"group": f"text.layer.{layer}.crossattention.self1:head_dim", "kind": "head_dim", "layer": layer,
+                 "modality": "fusion", "kept": 16, "size": 16}]
+    rec = {"method": "upop", "ratio_label": "2x", "seed": 0, "retention": ret}
+    table = retention_table(rec)
+    assert "fusion crossattention.self0  0" in table and "0.12 (2/16)" in table
+    assert "fusion crossattention.self1" in table and "1.00 (16/16)" in table
+    assert "vision" in table and "0.50 (8/16)" in table and "text" in table and "0.25 (4/16)" in table
+    summary = retention_summary({"methods": ["upop"]}, [rec])
+    assert "vision head_dim 0.50 [0.50 0.50]" in summary
+    assert "fusion crossattention.self0 head_dim 0.12 [0.12 0.12]" in summary
+    assert "fusion crossattention.self1 head_dim 1.00 [1.00 1.00]" in summary

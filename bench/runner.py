@@ -73,7 +73,9 @@ def expand_cells(card: dict, profile: str, methods=None, ratios=None, seeds=None
     prof = card["profiles"][profile]
     methods = _parse_list(methods, "method", card["methods"]) or list(card["methods"])
     labels = list(ratio_by_label(card))
-    ratio_sel = _parse_list(ratios, "ratio", labels + ["1x"]) or labels
+    # a profile may run a subset of the card's ratios by default (`ratios: [2x, 4x]`); --ratios overrides it
+    ratio_sel = (_parse_list(ratios, "ratio", labels + ["1x"])
+                 or [str(r) for r in (prof.get("ratios") or []) if str(r) in labels] or labels)
     seeds = _parse_list(seeds, "seed", None, int) or [0]
     throughput = {**card["protocol"]["throughput"], **(prof.get("throughput") or {})}
     cells = []
@@ -340,7 +342,12 @@ def _judge(cfg, record, structure, counts):
     for k, v in record["metrics"].items():
         if v is None or not math.isfinite(v):
             problems.append(f"metric {k} is {v}")
-    if cfg["method"] != "dense":
+    rc = (record.get("method_info") or {}).get("ratio_check")
+    if rc:   # the method's ratio is not a fraction of params (e.g. UPop's official 36-per-attention-unit weights)
+        if abs(rc["achieved"] - rc["target"]) > rc["tolerance"]:
+            problems.append(f"removed {rc['achieved']:.6g} {rc['unit']}, target {rc['target']:.6g} "
+                            f"(off by more than {rc['tolerance']:.6g})")
+    elif cfg["method"] != "dense":
         one_unit = max((g.params_per_unit for g in structure), default=0) * max(1, len(structure.kinds()))
         gap = abs(record["params"]["removed"] - record["params"]["target_removed"])
         if gap > one_unit:

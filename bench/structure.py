@@ -55,6 +55,7 @@ class UnitGroup:
     modality: str = "vision"
     params_per_unit: int = 0
     min_keep: int = 1
+    params: tuple = ()          # kind "layer": names of the parameters the whole sublayer owns
 
     def __post_init__(self):
         if self.kind not in UNIT_KINDS:
@@ -91,7 +92,10 @@ def fill_params_per_unit(model: nn.Module, structure: Structure) -> Structure:
     """params_per_unit = parameters one unit owns, summed over its slices (exact, biases included)."""
     params = dict(model.named_parameters())
     for g in structure:
-        g.params_per_unit = sum(params[s.param].numel() // g.size for s in g.slices)
+        if g.kind == "layer" and g.params:     # a whole sublayer: it owns its parameters, not slices
+            g.params_per_unit = sum(params[n].numel() for n in g.params if n in params)
+        else:
+            g.params_per_unit = sum(params[s.param].numel() // g.size for s in g.slices)
     return structure
 
 
@@ -173,14 +177,16 @@ def kept_param_count(model: nn.Module, structure: Structure, keep: dict) -> dict
     per_param_dims: dict = {}
     for (pname, dim), vec in _dim_keeps(structure, keep).items():
         per_param_dims.setdefault(pname, {})[dim] = int(vec.sum())
-    prunable_names = set(per_param_dims)
+    prunable_names = set(per_param_dims) | {n for g in structure if g.kind == "layer" for n in g.params}
     for pname, dims in per_param_dims.items():
         shape = list(params[pname].shape)
         for dim, n in dims.items():
             shape[dim] = n
         kept_by_param[pname] = math.prod(shape)
     removed_layers = [g for g in structure if g.kind == "layer" and not bool(keep[g.name].any())]
-    layer_removed = sum(g.params_per_unit for g in removed_layers)
+    # a removed sublayer takes its parameters as the other groups left them (heads, hidden dims cut too)
+    layer_removed = sum(sum(kept_by_param[n] for n in g.params if n in kept_by_param) if g.params
+                        else g.params_per_unit for g in removed_layers)
     total = sum(kept_by_param.values()) - layer_removed
     dense_total = sum(p.numel() for p in params.values())
     prunable_dense = sum(params[n].numel() for n in prunable_names)

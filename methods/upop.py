@@ -203,6 +203,14 @@ class UPop(Method):
         if bad:
             raise BenchError(f"UPop masks are not exactly 0/1 after the last update: {bad[:3]}")
         ctx.extract_options = {k: opts[k] for k in ("attention_scale", "reinit_qkv_bias") if k in opts}
+        if opts.get("weights", "exact") != "exact":
+            # p is a fraction of the weighted units, not of the params (BLIP/CLIP: 36 per attention unit), so
+            # the runner checks the ratio in that unit: within one unit of each kind, as for params
+            total_w = sum(g.size * weights[g.name] for g in groups)
+            removed_w = sum(int((final[g.name] == 0).sum()) * weights[g.name] for g in groups)
+            ctx.info["ratio_check"] = {
+                "unit": f"weighted units ({opts['weights']})", "target": p * total_w, "achieved": removed_w,
+                "tolerance": max(weights.values()) * len({g.kind for g in groups})}
         ctx.info.update({"search": {"steps": total, "interval": interval, "updates": len(history),
                                     "importance": importance, "weights": opts.get("weights", "exact"),
                                     "train": stats}, "mask_updates": history})

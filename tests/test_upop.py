@@ -167,3 +167,20 @@ def test_deit_small_params_match_the_paper_table(deit_small_searched):
         assert abs(deit_small_searched["closest", p] - want) <= 0.01, deit_small_searched
         assert abs(deit_small_searched["official", p] - want) <= 0.01 + 9234e-6, deit_small_searched
 
+
+
+def test_official_36_weights_report_the_ratio_in_weighted_units():
+    """BLIP/CLIP's p is a fraction of weighted units (36 per attention unit, 1 per FFN neuron), so the
+    record carries that check instead of the params one."""
+    adapter, model = build("vit_micro")
+    ctx = _ctx("upop", 0.5, model, adapter, TinyTask(), options={"weights": "official_36"})
+    keep = METHODS.get("upop")().prune(ctx)
+    rc = ctx.info["ratio_check"]
+    groups = list(ctx.structure)
+    total = sum(g.size * (36 if g.kind == "head_dim" else 1) for g in groups)
+    removed = sum(int((~keep[g.name]).sum()) * (36 if g.kind == "head_dim" else 1) for g in groups)
+    assert rc["target"] == 0.5 * total and rc["achieved"] == removed and rc["tolerance"] == 72
+    assert abs(rc["achieved"] - rc["target"]) <= rc["tolerance"]
+    ctx2 = _ctx("upop", 0.5, build("vit_micro")[1], adapter, TinyTask())
+    METHODS.get("upop")().prune(ctx2)
+    assert "ratio_check" not in ctx2.info       # exact weights: p is a fraction of params, checked on params

@@ -1,0 +1,511 @@
+"""Image-text retrieval on COCO (Karpathy 5K test) and Flickr30K (1K test), as BLIP / UPop evaluate it.
+
+Tasks "retrieval_coco" and "retrieval_flickr". Generic over models with the VL contract API
+(models/blip.py, models/clip.py): image_features, text_features, has_itm, itm_scores, retrieval_loss.
+
+Layout (BLIP's annotation files, https://github.com/salesforce/BLIP configs/retrieval_*.yaml):
+
+    <root>/annotation/coco_karpathy_train.json   [{"image": "val2014/COCO_val2014_000000391895.jpg",
+                                                    "caption": "...", "image_id": "coco_391895"}, ...]
+    <root>/annotation/coco_karpathy_val.json     [{"image": "...", "caption": ["5 captions", ...]}, ...]
+    <root>/annotation/coco_karpathy_test.json    (same as val)
+    <root>/images/<image>                        (the "image" paths above; image_root in BLIP's config)
+  root = <data_root>/coco; Flickr30K: <data_root>/flickr30k with flickr30k_{train,val,test}.json and
+  images under images/flickr30k-images/.
+
+Evaluation (BLIP's `evaluation` + `itm_eval`, spec §8): all image and text embeddings, the cosine
+similarity matrix; for BLIP (has_itm) each image's top-k texts and each text's top-k images are re-scored
+with score = ITM match logit + ITC similarity (k = `k_test`: 256 COCO, 128 Flickr), every other entry -100;
+CLIP uses the cosine matrix as is. Recall@1/5/10 in both directions: image->text ranks an image's best
+ground-truth caption (any of its 5), text->image ranks the caption's image; r_mean = mean of the six.
+Metrics: txt_r1 txt_r5 txt_r10 img_r1 img_r5 img_r10 r_mean (percent) on "test"; "val" is there for
+selection.
+
+Training batches: (images, input_ids, attention_mask, idx) with idx = the image's index (positives of ITC
+across captions of the same image), loss = model.retrieval_loss. Text: BLIP's pre_caption (lower case,
+punctuation stripped, max_words 30 for COCO/Flickr) then the tokenizer: micro = tasks.vl_micro.MicroTokenizer,
+paper = BERT (BLIP; `tokenizer_path`, a local bert-base-uncased folder) or open_clip's (CLIP; `tokenizer: open_clip`).
+Images: resize to the model's size (bicubic) and normalise with the CLIP/BLIP mean/std; paper training adds
+RandomResizedCrop(0.5-1) + flip (BLIP's RandAugment is not reproduced); micro trains without augmentation
+(a flip would falsify "left of" captions).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.api import TaskAdapter
+from bench.errors import BenchError, MissingData
+from bench.registry import register_task
+from tasks.micro_data import MARKER, generate_atomically, micro_folder
+
+MEAN = (0.48145466, 0.4578275, 0.40821073)     # BLIP and CLIP normalisation
+STD = (0.26862954, 0.26130258, 0.27577711)
+GENERATOR_VERSION = 1
+
+# ----------------------------------------------------------------------------------------------------
+# shared by the VL tasks (retrieval, caption, vqa)
+# ----------------------------------------------------------------------------------------------------
+
+def pre_caption(caption: str, max_words: int = 50) -> str:
+    """BLIP's data/utils.pre_caption: lower case, strip punctuation, collapse spaces, cap the word count."""
+    caption = re.sub(r"([.!\"()*#:;~])", " ", caption.lower())
+    caption = re.sub(r"\s{2,}", " ", caption).rstrip("\n").strip(" ")
+    words = caption.split(" ")
+    return " ".join(words[:max_words]) if len(words) > max_words else caption
+
+
+def pre_question(question: str, max_ques_words: int = 50) -> str:
+    """BLIP's pre_question: lower case, strip ,.!?"\'; drop a trailing '?'... (BLIP removes the punctuation)."""
+    question = re.sub(r"([.!\"()*#:;~])", "", question.lower()).rstrip(" ")
+    words = question.split(" ")
+    return " ".join(words[:max_ques_words]) if len(words) > max_ques_words else question
+
+
+def read_json(path: Path, what: str, layout: str):
+    """A BLIP annotation file, with clear errors for a missing file or broken JSON (also JSON lines)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingData(what, path, layout, "Download BLIP's annotation files (see the README) into that folder; "
+                          "the micro profile generates its own.")
+    text = path.read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        line = text.splitlines()[e.lineno - 1][:120] if e.lineno - 1 < len(text.splitlines()) else ""
+        raise BenchError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}: {line!r}. "
+                         f"The file is corrupt or truncated: download it again. Expected layout:\n{layout}")
+
+
+def check_fields(items, path, fields: dict, layout: str):
+    """Every entry is a dict with the given fields of the given types (first offending entry named)."""
+    if not isinstance(items, list):
+        raise BenchError(f"{path}: expected a JSON list of entries, got {type(items).__name__}. Layout:\n{layout}")
+    for i, it in enumerate(items):
+        for f, typ in fields.items():
+            if not isinstance(it, dict) or f not in it or not isinstance(it[f], typ):
+                raise BenchError(f"{path}: entry {i} has no field {f!r} of type "
+                                 f"{getattr(typ, '__name__', typ)} ({str(it)[:120]}). Layout:\n{layout}")
+
+
+class ImageStore:
+    """Decodes images from an image root on demand (resized to `size`, uint8 CHW); keeps them in memory
+    when `cache` (the micro sets are small). A missing or unreadable image is a clear error."""
+
+    def __init__(self, root: Path, size: int, cache: bool, layout: str):
+        self.root, self.size, self.cache, self.layout = Path(root), int(size), cache, layout
+        self._mem: dict = {}
+
+    def load(self, rel: str, size: int | None = None) -> torch.Tensor:
+        size = int(size or self.size)
+        key = (rel, size)
+        if key in self._mem:
+            return self._mem[key]
+        from PIL import Image, UnidentifiedImageError
+        path = self.root / rel
+        if not path.is_file():
+            raise MissingData(f"image {rel!r} named in the annotation", path, self.layout,
+                              "The image folder is incomplete (or image_root points elsewhere).")
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                if im.size != (size, size):
+                    im = im.resize((size, size), Image.BICUBIC)
+                t = torch.from_numpy(np.asarray(im, np.uint8).copy()).permute(2, 0, 1).contiguous()
+        except (UnidentifiedImageError, OSError) as e:
+            raise BenchError(f"image {path} cannot be decoded ({e}); the file is corrupt.")
+        if self.cache:
+            self._mem[key] = t
+        return t
+
+    def batch(self, rels, size: int | None = None) -> torch.Tensor:
+        return torch.stack([self.load(r, size) for r in rels])
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    x = x.float().div(255)
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def random_resized_crop_flip(x: torch.Tensor, g: torch.Generator, scale=(0.5, 1.0), flip=True) -> torch.Tensor:
+    """Batch-wise RandomResizedCrop (square crops, area fraction in `scale`) + horizontal flip, uint8 in/out."""
+    B, _, H, W = x.shape
+    out = torch.empty_like(x)
+    for j in range(B):
+        s = float(torch.empty(1).uniform_(*scale, generator=g))
+        c = max(1, int(round((s * H * W) ** 0.5)))
+        oy = int(torch.randint(0, H - c + 1, (1,), generator=g))
+        ox = int(torch.randint(0, W - c + 1, (1,), generator=g))
+        crop = x[j:j + 1, :, oy:oy + c, ox:ox + c].float()
+        crop = F.interpolate(crop, size=(H, W), mode="bicubic", align_corners=False).clamp(0, 255).round().to(x.dtype)
+        if flip and bool(torch.rand(1, generator=g) < 0.5):
+            crop = crop.flip(-1)
+        out[j] = crop[0]
+    return out
+
+
+class TextTokenizer:
+    """The task-side tokenizer: micro word-level, BERT (BLIP, local folder) or open_clip's (CLIP)."""
+
+    def __init__(self, kind: str, path: str | None = None, context_length: int = 77):
+        self.kind = kind
+        if kind == "micro":
+            from tasks.vl_micro import MicroTokenizer
+            self.tok = MicroTokenizer()
+        elif kind == "bert":
+            if not path or not Path(path).is_dir():
+                raise MissingData("BERT tokenizer folder (bert-base-uncased: vocab.txt, tokenizer_config.json)",
+                                  path, "  <folder>/vocab.txt", "Set the card's data.tokenizer_path to a local copy of "
+                                  "bert-base-uncased; nothing is downloaded at run time.")
+            from transformers import BertTokenizer
+            self.tok = BertTokenizer.from_pretrained(path)
+            self.tok.add_special_tokens({"bos_token": "[DEC]"})          # BLIP's init_tokenizer: 30522
+            self.tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})   # 30523
+        elif kind == "open_clip":
+            import open_clip
+            self.tok = open_clip.get_tokenizer("ViT-L-14-336")   # the bundled BPE vocabulary: offline
+            self.context_length = context_length
+        else:
+            raise BenchError(f"tokenizer must be micro, bert or open_clip, not {kind!r}")
+
+    def __call__(self, texts, max_len: int) -> dict:
+        if self.kind == "micro":
+            return self.tok(list(texts), max_len)
+        if self.kind == "bert":
+            enc = self.tok(list(texts), padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
+            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        ids = self.tok(list(texts), context_length=self.context_length)
+        return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+
+    def decode(self, ids) -> str:
+        if self.kind == "micro":
+            return self.tok.decode(ids)
+        return self.tok.decode(ids, skip_special_tokens=True).strip()
+
+
+# ----------------------------------------------------------------------------------------------------
+# metrics
+# ----------------------------------------------------------------------------------------------------
+
+def recall_at_k(scores_i2t, scores_t2i, txt2img, img2txt) -> dict:
+    """BLIP's itm_eval: scores_i2t (n_img, n_txt), scores_t2i (n_txt, n_img); img2txt[i] = the caption
+    indices of image i, txt2img[t] = the image of caption t. Ranks by numpy argsort descending, as the
+    official code. Returns percentages txt_r1/5/10, img_r1/5/10, their means and r_mean."""
+    scores_i2t, scores_t2i = np.asarray(scores_i2t), np.asarray(scores_t2i)
+    ranks = np.zeros(scores_i2t.shape[0])
+    for index, score in enumerate(scores_i2t):
+        inds = np.argsort(score)[::-1]
+        ranks[index] = min(np.where(inds == i)[0][0] for i in img2txt[index])
+    tr = [100.0 * np.mean(ranks < k) for k in (1, 5, 10)]
+    ranks = np.zeros(scores_t2i.shape[0])
+    for index, score in enumerate(scores_t2i):
+        inds = np.argsort(score)[::-1]
+        ranks[index] = np.where(inds == txt2img[index])[0][0]
+    ir = [100.0 * np.mean(ranks < k) for k in (1, 5, 10)]
+    tr_mean, ir_mean = sum(tr) / 3, sum(ir) / 3
+    out = {"txt_r1": tr[0], "txt_r5": tr[1], "txt_r10": tr[2], "txt_r_mean": tr_mean,
+           "img_r1": ir[0], "img_r5": ir[1], "img_r10": ir[2], "img_r_mean": ir_mean, "r_mean": (tr_mean + ir_mean) / 2}
+    return {k: float(v) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# micro generator (Karpathy-split layout)
+# ----------------------------------------------------------------------------------------------------
+
+def coco_image_name(i: int, split_dir: str = "val2014") -> str:
+    return f"{split_dir}/COCO_{split_dir}_{i:012d}.jpg"
+
+
+def generate_karpathy(root, prefix: str, n_train: int, n_val: int, n_test: int, size: int, seed: int,
+                      captions_per_image: int = 5) -> Path:
+    """Write synthetic scenes + 5 captions each in BLIP's Karpathy-split layout (prefix coco_karpathy or
+    flickr30k), plus the COCO-format ground-truth files of val/test (coco_karpathy_{val,test}_gt.json, which
+    BLIP's caption evaluation reads). Images are JPEG (quality 95)."""
+    from tasks.vl_micro import caption, render_scene
+
+    root = Path(root)
+    (root / "annotation").mkdir(parents=True, exist_ok=True)
+    flickr = prefix.startswith("flickr")
+    next_id = [1]
+
+    def make(split, n, split_id):
+        train, evals, gt_imgs, gt_anns = [], [], [], []
+        for j in range(n):
+            rng = np.random.default_rng([seed, split_id, j])
+            img, scene = render_scene(rng, size)
+            caps = []
+            for _ in range(20):                     # 5 distinct captions where the scene allows
+                c = caption(scene, rng)
+                if c not in caps:
+                    caps.append(c)
+                if len(caps) == captions_per_image:
+                    break
+            while len(caps) < captions_per_image:
+                caps.append(caption(scene, rng))
+            iid = next_id[0]
+            next_id[0] += 1
+            rel = f"flickr30k-images/{iid:010d}.jpg" if flickr else coco_image_name(iid)
+            (root / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
+            img.save(root / "images" / rel, quality=95)
+            if split == "train":
+                key = f"{iid:010d}.jpg" if flickr else f"coco_{iid}"
+                train += [{"image": rel, "caption": c, "image_id": key} for c in caps]
+            else:
+                evals.append({"image": rel, "caption": caps})
+                gt_imgs.append({"id": iid})
+                gt_anns += [{"image_id": iid, "caption": c, "id": len(gt_anns) + k} for k, c in enumerate(caps)]
+        return (train if split == "train" else evals), {"annotations": gt_anns, "images": gt_imgs}
+
+    for split, n, sid in (("train", n_train, 0), ("val", n_val, 1), ("test", n_test, 2)):
+        items, gt = make(split, n, sid)
+        (root / "annotation" / f"{prefix}_{split}.json").write_text(json.dumps(items))
+        if split != "train":
+            (root / "annotation" / f"{prefix}_{split}_gt.json").write_text(json.dumps(gt))
+    (root / MARKER).write_text(f"Micro {prefix}: synthetic scenes with 5 captions each, written by "
+                               f"tasks.retrieval.generate_karpathy (generator {GENERATOR_VERSION}); BLIP's layout.\n"
+                               "Not comparable with COCO / Flickr30K numbers.\n")
+    return root
+
+
+# ----------------------------------------------------------------------------------------------------
+# the task
+# ----------------------------------------------------------------------------------------------------
+
+class _KarpathyData:
+    """The train pairs and the val/test image+caption lists of a Karpathy-style split."""
+
+    def __init__(self, ann_root: Path, prefix: str, layout: str, max_words: int):
+        self.train = read_json(ann_root / f"{prefix}_train.json", f"{prefix} train annotation", layout)
+        check_fields(self.train, ann_root / f"{prefix}_train.json", {"image": str, "caption": str}, layout)
+        ids = {}
+        for it in self.train:
+            ids.setdefault(it.get("image_id", it["image"]), len(ids))
+        self.train_pairs = [(it["image"], pre_caption(it["caption"], max_words), ids[it.get("image_id", it["image"])])
+                            for it in self.train]
+        self.evals = {}
+        for split in ("val", "test"):
+            path = ann_root / f"{prefix}_{split}.json"
+            items = read_json(path, f"{prefix} {split} annotation", layout)
+            check_fields(items, path, {"image": str, "caption": list}, layout)
+            images, texts, txt2img, img2txt = [], [], [], []
+            for i, it in enumerate(items):
+                images.append(it["image"])
+                img2txt.append([])
+                for c in it["caption"]:
+                    texts.append(pre_caption(c, max_words))
+                    img2txt[i].append(len(texts) - 1)
+                    txt2img.append(i)
+            self.evals[split] = {"images": images, "texts": texts, "txt2img": txt2img, "img2txt": img2txt}
+
+
+class RetrievalTask(TaskAdapter):
+    prefix = "coco_karpathy"
+    folder = "coco"
+    default_k = 256
+    metrics = {"txt_r1": True, "txt_r5": True, "txt_r10": True, "img_r1": True, "img_r5": True,
+               "img_r10": True, "r_mean": True}
+    MICRO_DEFAULTS = {"n_train": 400, "n_val": 50, "n_test": 100, "image_size": 32, "seed": 2024}
+
+    def __init__(self, settings, data_root, profile, cache_dir):
+        super().__init__(settings, data_root, profile, cache_dir)
+        self.layout = self._layout()
+        self._data = None
+        self._store = None
+
+    def _layout(self):
+        return (f"  <root>/annotation/{self.prefix}_train.json  [{{\"image\", \"caption\", \"image_id\"}}, ...]\n"
+                f"  <root>/annotation/{self.prefix}_val.json    [{{\"image\", \"caption\": [5 captions]}}, ...]\n"
+                f"  <root>/annotation/{self.prefix}_test.json   (as val)\n"
+                f"  <root>/images/<image path of the annotation>\n"
+                f"  (root = <data_root>/{self.folder}; BLIP's annotation files)")
+
+    # ----------------------------------------------------------------- settings
+    @property
+    def micro(self) -> dict:
+        return {k: int(self.settings.get(k, v)) for k, v in self.MICRO_DEFAULTS.items()}
+
+    @property
+    def image_size(self) -> int:
+        return int(self.settings.get("image_size", 32 if self.profile == "micro" else 384))
+
+    @property
+    def max_words(self) -> int:
+        return int(self.settings.get("max_words", 30))
+
+    @property
+    def max_len(self) -> int:
+        return int(self.settings.get("max_len", 35))
+
+    @property
+    def k_test(self) -> int:
+        return int(self.settings.get("k_test", self.default_k))
+
+    @property
+    def root(self) -> Path:
+        if self.profile == "paper":
+            return Path(self.settings.get("root") or self.data_root / self.folder)
+        return micro_folder(self.cache_dir, f"{self.name}", {**self.micro, "generator": GENERATOR_VERSION,
+                                                             "prefix": self.prefix})
+
+    def tokenizer(self) -> TextTokenizer:
+        if not hasattr(self, "_tok"):
+            kind = self.settings.get("tokenizer", "micro" if self.profile == "micro" else "bert")
+            self._tok = TextTokenizer(kind, self.settings.get("tokenizer_path"),
+                                      int(self.settings.get("context_length", 77)))
+        return self._tok
+
+    # ----------------------------------------------------------------- data
+    def prepare(self) -> None:
+        if self._data is not None:
+            return
+        if self.profile == "micro":
+            s = self.micro
+            generate_atomically(self.root, lambda tmp: generate_karpathy(
+                tmp, self.prefix, s["n_train"], s["n_val"], s["n_test"], s["image_size"], s["seed"]))
+        self._data = _KarpathyData(self.root / "annotation", self.prefix, self.layout, self.max_words)
+        self._store = ImageStore(self.root / "images", self.image_size, self.profile == "micro", self.layout)
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        self.prepare()
+        return max(1, len(self._data.train_pairs) // int(batch_size))
+
+    def train_batches(self, batch_size: int, seed: int):
+        self.prepare()
+        pairs = self._data.train_pairs
+        bs = min(int(batch_size), len(pairs))
+        g = torch.Generator().manual_seed(int(seed))
+        tok = self.tokenizer()
+        augment = bool(self.settings.get("augment", self.profile == "paper"))
+        while True:
+            perm = torch.randperm(len(pairs), generator=g).tolist()
+            for i in range(0, len(pairs) - bs + 1, bs):   # drop_last, as BLIP's loader
+                chunk = [pairs[j] for j in perm[i:i + bs]]
+                x = self._store.batch([c[0] for c in chunk])
+                if augment:
+                    x = random_resized_crop_flip(x, g)
+                enc = tok([c[1] for c in chunk], self.max_len)
+                yield normalise(x), enc["input_ids"], enc["attention_mask"], torch.tensor([c[2] for c in chunk])
+
+    def loss(self, model: nn.Module, batch, device) -> torch.Tensor:
+        x, ids, mask, idx = (t.to(device) for t in batch)
+        return model.retrieval_loss(x, ids, mask, idx)
+
+    # ----------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def similarity(self, model, split: str, device, batch_size: int = 128):
+        """(scores_i2t, scores_t2i, split data): cosine matrix, re-ranked with ITM for models that have it."""
+        self.prepare()
+        if split not in self._data.evals:
+            raise BenchError(f"{self.name} has evaluation splits 'val' and 'test', not {split!r}")
+        d = self._data.evals[split]
+        tok = self.tokenizer()
+        t_emb, t_ids, t_mask = [], [], []
+        for i in range(0, len(d["texts"]), batch_size):
+            enc = tok(d["texts"][i:i + batch_size], self.max_len)
+            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+            t_emb.append(model.text_features(ids, mask)["embed"].float().cpu())
+            t_ids += list(enc["input_ids"])
+            t_mask += list(enc["attention_mask"])
+        i_emb, i_tok = [], []
+        for i in range(0, len(d["images"]), batch_size):
+            out = model.image_features(normalise(self._store.batch(d["images"][i:i + batch_size])).to(device))
+            i_emb.append(out["embed"].float().cpu())
+            if getattr(model, "has_itm", False):
+                i_tok.append(out["tokens"])
+        sims = torch.cat(i_emb) @ torch.cat(t_emb).t()
+        if not getattr(model, "has_itm", False):
+            return sims.numpy(), sims.t().numpy(), d
+        img_tokens = torch.cat(i_tok)
+        L = max(len(x) for x in t_ids)
+        ids_all = torch.stack([F.pad(x, (0, L - len(x))) for x in t_ids]).to(device)
+        mask_all = torch.stack([F.pad(x, (0, L - len(x))) for x in t_mask]).to(device)
+        k = min(self.k_test, sims.shape[1])
+        i2t = torch.full_like(sims, -100.0)
+        for i in range(sims.shape[0]):   # each image: its top-k texts re-scored by ITM
+            top_sim, top_idx = sims[i].topk(k)
+            tok_i = img_tokens[i:i + 1].expand(k, -1, -1)
+            score = model.itm_scores(tok_i, ids_all[top_idx.to(device)], mask_all[top_idx.to(device)]).float().cpu()
+            i2t[i, top_idx] = score + top_sim
+        simt = sims.t()
+        k = min(self.k_test, simt.shape[1])
+        t2i = torch.full_like(simt, -100.0)
+        for t in range(simt.shape[0]):   # each text: its top-k images
+            top_sim, top_idx = simt[t].topk(k)
+            score = model.itm_scores(img_tokens[top_idx.to(img_tokens.device)], ids_all[t:t + 1].expand(k, -1),
+                                     mask_all[t:t + 1].expand(k, -1)).float().cpu()
+            t2i[t, top_idx] = score + top_sim
+        return i2t.numpy(), t2i.numpy(), d
+
+    def evaluate(self, model: nn.Module, split: str = "test", device="cpu") -> dict:
+        was = model.training
+        model.eval()
+        try:
+            i2t, t2i, d = self.similarity(model, split, torch.device(device))
+        finally:
+            model.train(was)
+        out = recall_at_k(i2t, t2i, d["txt2img"], d["img2txt"])
+        out.update(n_images=len(d["images"]), n_texts=len(d["texts"]))
+        return out
+
+    # ----------------------------------------------------------------- FLOPs / throughput
+    def _is_clip(self, cfg) -> bool:
+        return "text_cfg" in cfg
+
+    def _text_len(self, cfg) -> int:
+        return int(cfg["text_cfg"]["context_length"]) if self._is_clip(cfg) else int(self.settings.get("flops_text_len", 35))
+
+    def dummy_inputs(self, model_config: dict, batch_size: int, device) -> tuple:
+        """Inference forward: B images and B captions (CLIP: the full context; BLIP: 35 tokens)."""
+        size = model_config.get("img_size") or model_config.get("image_size") or self.image_size
+        L = self._text_len(model_config)
+        ids = torch.ones(batch_size, L, dtype=torch.long, device=device)
+        return (torch.randn(batch_size, 3, size, size, device=device), ids, torch.ones_like(ids))
+
+    def flops_forwards(self, model_config: dict, device) -> dict:
+        """Spec §5: the paper measured the full training forward (ITC with the momentum encoders; BLIP adds
+        the ITM passes) on 1 image + 1 caption; then the inference forward (image + text embedding) alone.
+        BLIP: the inputs of models.blip.paper_flops_inputs (the BLIP adapter owns the exact token counts)."""
+        if not self._is_clip(model_config):
+            from models.blip import paper_flops_inputs
+            return paper_flops_inputs("retrieval", model_config, device)
+        x, ids, mask = self.dummy_inputs(model_config, 1, device)
+        idx = torch.zeros(1, dtype=torch.long, device=device)
+        size, L = x.shape[-1], ids.shape[1]
+        return {f"paper: training-style forward incl. momentum encoder, 1 image {size} + 1 caption ({L} tokens)":
+                ((x, ids, mask), {"idx": idx, "mode": "train"}),
+                f"inference: image + text embeddings, 1 image {size} + 1 caption ({L} tokens)":
+                ((x, ids, mask), {"mode": "inference"})}
+
+    def fingerprint(self) -> dict:
+        fp = {"task": self.name, "profile": self.profile, "image_size": self.image_size, "max_words": self.max_words,
+              "max_len": self.max_len, "tokenizer": self.settings.get("tokenizer", "micro" if self.profile == "micro"
+                                                                       else "bert")}
+        if self.profile == "micro":
+            fp.update(generator="tasks.retrieval.generate_karpathy", generator_version=GENERATOR_VERSION, **self.micro)
+        else:
+            fp["root"] = str(self.root.resolve())
+        return fp
+
+
+@register_task("retrieval_coco")
+class CocoRetrievalTask(RetrievalTask):
+    """COCO Karpathy 5K test retrieval (BLIP k_test 256)."""
+    name = "retrieval_coco"
+    prefix = "coco_karpathy"
+    folder = "coco"
+    default_k = 256
+
+
+@register_task("retrieval_flickr")
+class FlickrRetrievalTask(RetrievalTask):
+    """Flickr30K 1K test retrieval (BLIP k_test 128)."""
+    name = "retrieval_flickr"
+    prefix = "flickr30k"
+    folder = "flickr30k"
+    default_k = 128

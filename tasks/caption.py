@@ -127,6 +127,8 @@ class CaptionTask(CocoRetrievalTask):
             yield x, _ids, _mask
 
     def prepare(self) -> None:
+        if self._data is not None:      # once: prepare() runs again from every accessor
+            return
         super().prepare()
         # prompt + caption, as BLIP's coco_karpathy_train
         self._data.train_pairs = [(img, self.prompt + cap, idx) for img, cap, idx in self._data.train_pairs]

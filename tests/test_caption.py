@@ -31,6 +31,10 @@ def test_references_and_prompt(tmp_path):
     assert t.prompt_len() == 4                       # [CLS] a picture of
     x, ids, mask = next(t.train_batches(2, 0))
     assert t.tokenizer().decode(ids[0]).startswith("a picture of ")
+    t.prepare()                                      # again (as every accessor does): the prompt is added once
+    x, ids, mask = next(t.train_batches(2, 0))
+    assert not t.tokenizer().decode(ids[0]).startswith("a picture of a picture of")
+    assert all(c.count("a picture of") == 1 for _, c, _ in t._data.train_pairs)
     (root / "annotation" / "coco_karpathy_test_gt.json").write_text(json.dumps([1, 2]))
     with pytest.raises(BenchError, match="COCO caption format"):
         t.references("test")

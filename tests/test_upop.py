@@ -179,8 +179,23 @@ def test_official_36_weights_report_the_ratio_in_weighted_units():
     groups = list(ctx.structure)
     total = sum(g.size * (36 if g.kind == "head_dim" else 1) for g in groups)
     removed = sum(int((~keep[g.name]).sum()) * (36 if g.kind == "head_dim" else 1) for g in groups)
-    assert rc["target"] == 0.5 * total and rc["achieved"] == removed and rc["tolerance"] == 72
+    assert rc["target"] == 0.5 * total and rc["achieved"] == removed
+    assert rc["tolerance"] == 72 + rc["kept_by_min_one_rule"]
     assert abs(rc["achieved"] - rc["target"]) <= rc["tolerance"]
     ctx2 = _ctx("upop", 0.5, build("vit_micro")[1], adapter, TinyTask())
     METHODS.get("upop")().prune(ctx2)
     assert "ratio_check" not in ctx2.info       # exact weights: p is a fraction of params, checked on params
+
+
+def test_min_one_unit_rule_is_reported_as_protected():
+    """A module whose every unit is above the threshold keeps its lowest-ranked one; that unit is reported."""
+    from types import SimpleNamespace
+    groups = [SimpleNamespace(name="a", kind="head_dim", size=3), SimpleNamespace(name="b", kind="ffn", size=3)]
+    values = {"a": torch.tensor([5.0, 6.0, 7.0]), "b": torch.tensor([0.0, 1.0, 2.0])}
+    sel, protected = unified_selection(groups, values, {"a": 1.0, "b": 1.0}, 0.5, return_protected=True)
+    # sorted: 7 6 5 2 1 0, cumulative weight closest to 3 at the 3rd unit (value 5): "official" keeps it
+    assert sel["a"].tolist() == [False, True, True] and protected["a"].tolist() == [False, False, False]
+    sel, protected = unified_selection(groups, values, {"a": 1.0, "b": 1.0}, 0.5, threshold_rule="closest",
+                                       return_protected=True)
+    assert sel["a"].tolist() == [False, True, True] and protected["a"].tolist() == [True, False, False]
+    assert not sel["b"].any() and not protected["b"].any()

@@ -180,8 +180,9 @@ def validate_card(card: dict) -> list:
             errs.append(f"references.profile must be one of {PROFILES}")
         tol = need(refs, "tolerance", "references", dict) or {}
         rows = refs.get("rows")
-        if not isinstance(rows, list) or (not rows and not card.get("relations")):
-            errs.append("references: missing 'rows' (may be empty only when the card has relations)")
+        if not isinstance(rows, list) or (not rows and not card.get("relations") and not refs.get("absent")):
+            errs.append("references: missing 'rows' (may be empty only when the card has relations, or says why "
+                        "the paper's numbers are absent in 'absent: <reason>')")
         for i, row in enumerate(rows or []):
             where = f"references.rows[{i}]"
             need(row, "method", where)

@@ -208,7 +208,8 @@ def cmd_flops(args):
         if key in seen:
             continue
         seen.add(key)
-        config = {**MODELS.get(part["arch"])[1], **(prof.get("model_config") or {})}
+        config = {**MODELS.get(part["arch"])[1], **(getattr(TASKS.get(part["task"]), "model_config_overrides", None) or {}),
+                  **(prof.get("model_config") or {})}
         # the task object is only asked for its dummy inputs: nothing is read or generated
         task = TASKS.get(part["task"])(prof.get("data") or {}, paths.data_root, args.profile, paths.cache)
         res = measure.protocol_flops(part["arch"], config, lambda dev: task.flops_forwards(config, dev))

@@ -124,12 +124,13 @@ def pytest_report_teststatus(report, config):
 
 
 def _records_for(card, paths, profile):
-    """The latest record of every (method, ratio, seed) of this card version and profile."""
+    """The latest record of every (part, method, ratio, seed) of this card version and profile (the part:
+    the task or model of a multi-task / multi-model card, None otherwise)."""
     latest = {}
     for r in load_records(paths.output, card["table"], profile):
         if r.get("table_version") != card["version"]:
             continue
-        key = (r["method"], r["ratio_label"], r["seed"])
+        key = ((r.get("config") or {}).get("part"), r["method"], r["ratio_label"], r["seed"])
         if key not in latest or r["date_utc"] >= latest[key]["date_utc"]:
             latest[key] = r
     return list(latest.values())

@@ -20,6 +20,20 @@ PLUGIN_MODULES = [
     "tasks.cifar10",
     "models.segmenter",
     "tasks.ade20k",
+    # vision-language (BLIP, CLIP)
+    "models.blip",
+    "models.clip",
+    "tasks.nlvr2",
+    "tasks.vqa",
+    "tasks.caption",
+    "tasks.retrieval",
+    # language (VTrans, GLUE, perplexity)
+    "models.bert",
+    "models.gpt2",
+    "models.llama",
+    "methods.vtrans",
+    "tasks.glue",
+    "tasks.lm_perplexity",
 ]
 
 

@@ -82,7 +82,9 @@ def expand_cells(card: dict, profile: str, methods=None, ratios=None, seeds=None
     for part in card_parts(card, profile):
         arch = part["arch"]
         _, arch_cfg = MODELS.get(arch)
-        model_cfg = {**arch_cfg, **(prof.get("model_config") or {})}
+        # a task may need a head size (GLUE: num_labels 1 for STS-B, 3 for MNLI); the card's model_config wins
+        task_cfg = getattr(TASKS.get(part["task"]), "model_config_overrides", None) or {}
+        model_cfg = {**arch_cfg, **task_cfg, **(prof.get("model_config") or {})}
         metrics = [m for m in card["metrics"] if m.get("task", part["task"]) == part["task"]]
         for m in sorted(methods, key=lambda m: (m != "dense", card["methods"].index(m))):
             method = METHODS.get(m)
@@ -117,8 +119,10 @@ def expand_cells(card: dict, profile: str, methods=None, ratios=None, seeds=None
 
 
 def _checkpoint(prof: dict, part: dict):
-    """The paper checkpoint of a part: `checkpoints: {model name: file}` for multi-model cards."""
-    return (prof.get("checkpoints") or {}).get(part["model_name"]) or prof.get("checkpoint")
+    """The paper checkpoint of a part: `checkpoints: {model name or task name: file}` for multi-model cards
+    and for multi-task cards whose dense models are fine-tuned per task (GLUE)."""
+    ck = prof.get("checkpoints") or {}
+    return ck.get(part["model_name"]) or ck.get(part["task"]) or prof.get("checkpoint")
 
 
 class Session:

@@ -1,0 +1,388 @@
+"""NLVR2 (Suhr et al., 2019) as BLIP and UPop run it: is a statement true of an image pair? Accuracy on
+dev and test-P.
+
+Layout (BLIP's configs/nlvr.yaml: `ann_root` with BLIP's annotation files, `image_root` with the images):
+
+    <root>/annotation/nlvr_train.json     [{"images": ["images/train/.../train-10171-0-img0.png",
+    <root>/annotation/nlvr_dev.json          "images/train/.../train-10171-0-img1.png"],
+    <root>/annotation/nlvr_test.json         "sentence": "...", "label": "True" | "False"}, ...]
+    <root>/<the paths in "images">          (relative to <root>, BLIP's image_root)
+
+<root> = <data_root>/nlvr2 in the paper profile (settings `ann_root` / `image_root` override the two
+folders). nlvr_test.json is test-P (the public test set), the split UPop reports as "Test Acc".
+
+What BLIP does (and this task reproduces): sentences through `pre_caption` (lower case, punctuation
+stripped, at most 40 words); images 384x384 bicubic, CLIP mean/std; training augmentation = the pair
+swap of BLIP's NLVR dataset (with probability 0.5 the two images are exchanged and the words "left" and
+"right" in the sentence are swapped); the paper profile also uses BLIP's RandomResizedCrop(0.5-1) +
+flip (RandAugment is not reproduced: option noted in the fingerprint). Loss: cross-entropy over the two
+classes of the model's logits. Metrics: accuracy in percent (`acc`, plus `dev_acc` / `test_acc` so a card
+can report both splits).
+
+Tokenisation: the task's job. Micro: tasks.vl_micro.MicroTokenizer. Paper: transformers' BertTokenizer
+from a local bert-base-uncased folder (setting `tokenizer`, default <data_root>/bert-base-uncased) with
+BLIP's added [DEC] and [ENC] tokens; nothing is downloaded.
+
+Micro profile: `<cache>/data/nlvr2_micro-<hash>`, generated atomically in exactly the layout above
+(PNG image pairs of synthetic scenes and statements about them from tasks.vl_micro). Images are decoded
+lazily on first use and kept in memory (small sets).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.api import TaskAdapter
+from bench.errors import BenchError, MissingData
+from bench.registry import register_task
+from tasks.micro_data import generate_atomically, micro_folder
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SPLITS = {"train": "nlvr_train.json", "dev": "nlvr_dev.json", "test": "nlvr_test.json"}
+LAYOUT_VERSION = 1
+GENERATOR_VERSION = 2   # 2: statements chosen first, scenes sampled to the drawn truth value
+EVAL_BATCH_SIZE = 128
+MAX_WORDS = 40
+
+LAYOUT = """\
+  <root>/annotation/nlvr_train.json   (BLIP's annotation files: a JSON list of
+  <root>/annotation/nlvr_dev.json      {"images": [img0, img1], "sentence": str, "label": "True"|"False"})
+  <root>/annotation/nlvr_test.json    (test-P)
+  <root>/<img0>, <root>/<img1>        (image paths in the JSON are relative to <root>, BLIP's image_root)"""
+
+MICRO_DEFAULTS = {"train_pairs": 3000, "dev_pairs": 400, "test_pairs": 400, "image_size": 32, "max_objects": 4,
+                  "seed": 2024}
+
+
+def pre_caption(text: str, max_words: int = MAX_WORDS) -> str:
+    """BLIP's pre_caption: lower case, punctuation -> space, squeezed spaces, at most max_words words."""
+    text = re.sub(r"([.!\"()*#:;~])", " ", text.lower())
+    text = re.sub(r"\s{2,}", " ", text).rstrip("\n").strip(" ")
+    return " ".join(text.split(" ")[:max_words])
+
+
+def swap_left_right(sentence: str) -> str:
+    return " ".join({"left": "right", "right": "left"}.get(w, w) for w in sentence.split(" "))
+
+
+def read_annotation(path: Path) -> list:
+    """Read and check one BLIP NLVR2 annotation file; errors name the file, the entry and the fix."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise BenchError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); the file is "
+                         "corrupt or truncated: replace it with BLIP's released annotation file.") from e
+    if not isinstance(data, list):
+        raise BenchError(f"{path} must be a JSON list of {{images, sentence, label}} entries (BLIP's format), "
+                         f"got a {type(data).__name__}.")
+    out = []
+    for i, a in enumerate(data):
+        ok = (isinstance(a, dict) and isinstance(a.get("images"), list) and len(a["images"]) == 2
+              and all(isinstance(x, str) for x in a["images"]) and isinstance(a.get("sentence"), str)
+              and str(a.get("label")) in ("True", "False"))
+        if not ok:
+            raise BenchError(f"{path}: entry {i} is not an NLVR2 entry {{\"images\": [two paths], \"sentence\": str, "
+                             f"\"label\": \"True\"|\"False\"}}: {json.dumps(a)[:200]}")
+        out.append({"images": a["images"], "sentence": a["sentence"], "label": int(str(a["label"]) == "True")})
+    if not out:
+        raise BenchError(f"{path} has no entries.")
+    return out
+
+
+def grounded_statement(rng: np.random.Generator):
+    """A statement about an image pair and its truth function. Only colours and object counts: what a
+    micro BLIP can learn to ground in a few minutes."""
+    from tasks import vl_micro
+
+    colour = list(vl_micro.COLORS)[int(rng.integers(len(vl_micro.COLORS)))]
+    side = ("left", "right")[int(rng.integers(2))]
+    kind = int(rng.integers(3))
+    if kind == 0:
+        return (f"the {side} image contains a {colour} object",
+                lambda a, b: vl_micro._count(a if side == "left" else b, color=colour) > 0)
+    if kind == 1:
+        return (f"both images contain a {colour} object",
+                lambda a, b: vl_micro._count(a, color=colour) > 0 and vl_micro._count(b, color=colour) > 0)
+    return "the left image has more objects than the right image", lambda a, b: len(a) > len(b)
+
+
+def grounded_pair(rng: np.random.Generator, image_size: int, max_objects: int):
+    """The statement and the wanted truth value are drawn first, then scene pairs are sampled until the
+    statement has that value: every sentence is true half the time, so the sentence alone gives 50%
+    and a model above that must look at the images (template-level label bias made an earlier generator
+    learnable from text alone)."""
+    from tasks import vl_micro
+
+    sentence, holds = grounded_statement(rng)
+    want = bool(rng.integers(2))
+    for _ in range(1000):
+        sc0, sc1 = (vl_micro.sample_scene(rng, 1, max_objects) for _ in range(2))
+        if holds(sc0, sc1) == want:
+            break
+    return (vl_micro.draw_scene(sc0, rng, image_size), vl_micro.draw_scene(sc1, rng, image_size)), sentence, \
+        holds(sc0, sc1)
+
+
+def generate_micro(root, train_pairs=3000, dev_pairs=400, test_pairs=400, image_size=32, seed=2024,
+                   max_objects=4) -> Path:
+    """Write a synthetic NLVR2 in BLIP's layout: PNG pairs of tasks.vl_micro scenes + statements (balanced
+    True/False per sentence, see grounded_pair), `annotation/nlvr_{train,dev,test}.json`. Deterministic for
+    given settings."""
+    root = Path(root)
+    (root / "annotation").mkdir(parents=True, exist_ok=True)
+    for s_id, (split, n) in enumerate((("train", train_pairs), ("dev", dev_pairs), ("test", test_pairs))):
+        folder = root / "images" / split
+        folder.mkdir(parents=True, exist_ok=True)
+        anns = []
+        for i in range(int(n)):
+            rng = np.random.default_rng([int(seed), s_id, i])
+            (img0, img1), sentence, truth = grounded_pair(rng, int(image_size), int(max_objects))
+            names = [f"images/{split}/{split}-{i}-{j}-img{j}.png" for j in (0, 1)]
+            img0.save(root / names[0])
+            img1.save(root / names[1])
+            anns.append({"images": names, "sentence": sentence, "label": "True" if truth else "False"})
+        (root / "annotation" / SPLITS[split]).write_text(json.dumps(anns))
+    (root / "README.txt").write_text(
+        f"Micro NLVR2: synthetic stand-in written by tasks.nlvr2.generate_micro (generator {GENERATOR_VERSION}, "
+        f"layout {LAYOUT_VERSION}); {train_pairs}/{dev_pairs}/{test_pairs} pairs, {image_size} px, 1-{max_objects} "
+        f"objects per image, seed {seed}.\n"
+        "Same layout as BLIP's NLVR2 data:\n" + LAYOUT + "\nNot comparable with NLVR2 numbers.\n")
+    return root
+
+
+@register_task("nlvr2")
+class Nlvr2Task(TaskAdapter):
+    """NLVR2 accuracy (percent) on dev and test-P with a BLIP NLVR2 model (two images + a sentence -> 2 logits)."""
+
+    name = "nlvr2"
+    metrics = {"acc": True, "dev_acc": True, "test_acc": True}
+    layout = LAYOUT
+
+    def __init__(self, settings, data_root, profile, cache_dir):
+        super().__init__(settings, data_root, profile, cache_dir)
+        self._ann: dict = {}
+        self._img_cache: dict = {}
+        self._tok = None
+
+    # ---------------------------------------------------------------- settings / folders
+    @property
+    def micro_settings(self) -> dict:
+        return {k: int(self.settings.get(k, v)) for k, v in MICRO_DEFAULTS.items()}
+
+    @property
+    def image_size(self) -> int:
+        return int(self.settings.get("image_size", 32 if self.profile == "micro" else 384))
+
+    @property
+    def root(self) -> Path:
+        if self.profile == "paper":
+            return Path(self.settings.get("image_root", self.data_root / "nlvr2"))
+        return micro_folder(self.cache_dir, "nlvr2", {**self.micro_settings, "generator": GENERATOR_VERSION})
+
+    @property
+    def ann_root(self) -> Path:
+        if self.profile == "paper" and "ann_root" in self.settings:
+            return Path(self.settings["ann_root"])
+        return self.root / "annotation"
+
+    # ---------------------------------------------------------------- data
+    def prepare(self) -> None:
+        if self._ann:
+            return
+        if self.profile == "micro":
+            s = self.micro_settings
+            generate_atomically(self.root, lambda tmp: generate_micro(tmp, **s))
+        for split, fname in SPLITS.items():
+            path = self.ann_root / fname
+            if not path.is_file():
+                raise MissingData(f"NLVR2 annotation file {fname}", path, self.layout,
+                                  "Put BLIP's nlvr_*.json files (https://github.com/salesforce/BLIP data) there, or "
+                                  "point --data-root DIR / the card's data.ann_root at them. The micro profile needs "
+                                  "no data.")
+            self._ann[split] = read_annotation(path)
+
+    def split(self, split: str) -> list:
+        if split not in SPLITS:
+            raise BenchError(f"nlvr2 has splits {sorted(SPLITS)} (test = test-P), not {split!r}")
+        self.prepare()
+        return self._ann[split]
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return max(1, len(self.split("train")) // int(batch_size))
+
+    def _image(self, rel: str) -> torch.Tensor:
+        """uint8 (3, S, S) of one image, resized (bicubic) to the model's size; missing file -> MissingData."""
+        if rel in self._img_cache:
+            return self._img_cache[rel]
+        from PIL import Image
+
+        path = self.root / rel
+        if not path.is_file():
+            raise MissingData(f"NLVR2 image {rel}", path, self.layout,
+                              "The annotation names an image that is not in the image folder: copy the NLVR2 images "
+                              "there (the paths in the JSON are relative to the image root).")
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                if im.size != (self.image_size, self.image_size):
+                    im = im.resize((self.image_size, self.image_size), Image.BICUBIC)
+                t = torch.from_numpy(np.asarray(im, np.uint8).copy()).permute(2, 0, 1).contiguous()
+        except OSError as e:
+            raise BenchError(f"NLVR2 image {path} cannot be decoded ({e}); the file is corrupt.") from e
+        if self.profile == "micro" or len(self._img_cache) < int(self.settings.get("image_cache", 2000)):
+            self._img_cache[rel] = t
+        return t
+
+    @staticmethod
+    def _normalise(x: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+        return (x.float() / 255 - mean) / std
+
+    # ---------------------------------------------------------------- tokeniser
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            if self.profile == "micro":
+                from tasks.vl_micro import MicroTokenizer
+                self._tok = MicroTokenizer()
+            else:
+                self._tok = _BertTokenizer(Path(self.settings.get("tokenizer", self.data_root / "bert-base-uncased")))
+        return self._tok
+
+    def tokenize(self, sentences: list) -> tuple:
+        enc = self.tokenizer(sentences, max_len=int(self.settings.get("max_tokens", 64 if self.profile == "micro"
+                                                                          else 128)))
+        return enc["input_ids"], enc["attention_mask"]
+
+    # ---------------------------------------------------------------- batches
+    def _batch(self, anns, augment=False, gen=None):
+        img0, img1, sents, labels = [], [], [], []
+        for a in anns:
+            i0, i1 = self._image(a["images"][0]), self._image(a["images"][1])
+            s = pre_caption(a["sentence"])
+            if augment and float(torch.rand((), generator=gen)) < 0.5:   # BLIP's pair swap (+ left/right words)
+                i0, i1, s = i1, i0, swap_left_right(s)
+            img0.append(i0)
+            img1.append(i1)
+            sents.append(s)
+            labels.append(a["label"])
+        x0, x1 = torch.stack(img0), torch.stack(img1)
+        if augment and self.profile == "paper":
+            x0, x1 = _random_resized_crop_flip(x0, gen), _random_resized_crop_flip(x1, gen)
+        ids, mask = self.tokenize(sents)
+        return self._normalise(x0), self._normalise(x1), ids, mask, torch.tensor(labels, dtype=torch.long)
+
+    def train_batches(self, batch_size: int, seed: int):
+        anns = self.split("train")
+        n = len(anns)
+        bs = min(int(batch_size), n)
+        g = torch.Generator().manual_seed(int(seed))
+        while True:
+            perm = torch.randperm(n, generator=g).tolist()
+            for i in range(0, n - bs + 1, bs):          # drop_last, as BLIP's loader
+                yield self._batch([anns[j] for j in perm[i:i + bs]], augment=True, gen=g)
+
+    def loss(self, model: nn.Module, batch, device) -> torch.Tensor:
+        x0, x1, ids, mask, y = batch
+        logits = model(x0.to(device), x1.to(device), ids.to(device), mask.to(device), mode="train")
+        return F.cross_entropy(logits, y.to(device))
+
+    def evaluate(self, model: nn.Module, split: str = "dev", device="cpu") -> dict:
+        """{"acc", "<split>_acc": percent, "n": pairs} on dev or test (test-P)."""
+        anns = self.split(split)
+        device = torch.device(device)
+        was = model.training
+        model.eval()
+        correct = 0
+        try:
+            with torch.inference_mode():
+                for i in range(0, len(anns), EVAL_BATCH_SIZE):
+                    x0, x1, ids, mask, y = self._batch(anns[i:i + EVAL_BATCH_SIZE])
+                    logits = model(x0.to(device), x1.to(device), ids.to(device), mask.to(device))
+                    correct += int((logits.argmax(-1).cpu() == y).sum())
+        finally:
+            model.train(was)
+        acc = 100.0 * correct / len(anns)
+        return {"acc": acc, f"{split}_acc": acc, "n": len(anns)}
+
+    # ---------------------------------------------------------------- FLOPs / throughput inputs
+    MICRO_SENTENCE = "the left image has more circles than the right image"
+
+    def dummy_inputs(self, model_config: dict, batch_size: int, device) -> tuple:
+        """(image0, image1, input_ids, attention_mask): 2 images + a fixed sentence per sample (the inference
+        forward). Paper: the 36-token sentence of UPop's FLOPs protocol; micro: a micro statement."""
+        s = int(model_config.get("image_size", self.image_size))
+        if self.profile == "paper" or int(model_config.get("vocab_size", 512)) > 512:
+            from models.blip import NLVR2_TOKENS, _ids_of_length
+            ids, mask = _ids_of_length(NLVR2_TOKENS, batch_size, model_config, device)
+        else:
+            from tasks.vl_micro import MicroTokenizer
+            enc = MicroTokenizer()([self.MICRO_SENTENCE] * batch_size, max_len=64)
+            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        return (torch.randn(batch_size, 3, s, s, device=device), torch.randn(batch_size, 3, s, s, device=device),
+                ids, mask)
+
+    def flops_forwards(self, model_config: dict, device) -> dict:
+        """UPop's NLVR2 FLOPs protocol is the inference forward on one image pair + one sentence (upop.md §5),
+        so the paper entry and the inference entry are the same forward."""
+        args = self.dummy_inputs(model_config, 1, device)
+        s, L = args[0].shape[-1], args[2].shape[1]
+        return {f"paper: inference forward, 2 images {s} + 1 sentence ({L} tokens)": (args, {}),
+                f"inference: 2 images {s} + 1 sentence ({L} tokens)": (args, {})}
+
+    def fingerprint(self) -> dict:
+        fp = {"task": self.name, "profile": self.profile, "layout_version": LAYOUT_VERSION,
+              "image_size": self.image_size, "augment": "pair_swap" + ("+rrc_flip" if self.profile == "paper" else "")}
+        if self.profile == "micro":
+            fp.update(generator="tasks.nlvr2.generate_micro", generator_version=GENERATOR_VERSION,
+                      **self.micro_settings)
+        else:
+            fp["root"] = str(self.root.resolve())
+        return fp
+
+
+def _random_resized_crop_flip(x: torch.Tensor, gen, scale=(0.5, 1.0)) -> torch.Tensor:
+    """BLIP's RandomResizedCrop(scale 0.5-1, bicubic) + horizontal flip, per image, on uint8 batches."""
+    B, _, H, W = x.shape
+    out = torch.empty_like(x)
+    for i in range(B):
+        area = H * W * float(torch.empty(()).uniform_(*scale, generator=gen))
+        ratio = float(torch.exp(torch.empty(()).uniform_(np.log(3 / 4), np.log(4 / 3), generator=gen)))
+        w = int(min(W, max(1, round((area * ratio) ** 0.5))))
+        h = int(min(H, max(1, round((area / ratio) ** 0.5))))
+        top = int(torch.randint(0, H - h + 1, (1,), generator=gen))
+        left = int(torch.randint(0, W - w + 1, (1,), generator=gen))
+        crop = x[i:i + 1, :, top:top + h, left:left + w].float()
+        crop = F.interpolate(crop, size=(H, W), mode="bicubic", align_corners=False).clamp_(0, 255)
+        if float(torch.rand((), generator=gen)) < 0.5:
+            crop = crop.flip(-1)
+        out[i] = crop[0].round().to(x.dtype)
+    return out
+
+
+class _BertTokenizer:
+    """bert-base-uncased from a local folder + BLIP's [DEC] (bos) and [ENC] tokens, MicroTokenizer's API."""
+
+    def __init__(self, path: Path):
+        if not (path / "vocab.txt").is_file():
+            raise MissingData("bert-base-uncased tokenizer (vocab.txt)", path,
+                              "  <folder>/vocab.txt (+ tokenizer_config.json), e.g. a saved bert-base-uncased",
+                              "Save the tokenizer there (BertTokenizer.from_pretrained(...).save_pretrained(folder)) or "
+                              "set the card's data.tokenizer; nothing is downloaded at run time.")
+        from transformers import BertTokenizer
+        self.tok = BertTokenizer.from_pretrained(str(path))
+        self.tok.add_special_tokens({"bos_token": "[DEC]"})
+        self.tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+
+    def __call__(self, texts, max_len=128):
+        enc = self.tok(list(texts), padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

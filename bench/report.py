@@ -885,7 +885,8 @@ def retention_heatmap(record: dict, path) -> Path:
         r, c = rows.index((label, g.get("kind"))), layers.index(g.get("layer"))
         prev = grid[r, c]
         grid[r, c] = g["kept"] / g["size"] if np.isnan(prev) else (prev + g["kept"] / g["size"]) / 2
-    fig = Figure(figsize=(1.2 + 0.55 * max(1, len(layers)), 1.4 + 0.5 * max(1, len(rows))), dpi=110)
+    label_width = 0.07 * max([len(f"{m} {k}") for m, k in rows] + [10])   # room for the row labels
+    fig = Figure(figsize=(1.2 + label_width + 0.55 * max(1, len(layers)), 1.4 + 0.5 * max(1, len(rows))), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")

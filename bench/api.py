@@ -45,15 +45,33 @@ class ModelAdapter:
         """Load an official checkpoint (paper profile) by mapping its key names."""
         raise NotImplementedError
 
-    def attach_unit_masks(self, model: nn.Module, structure: Structure, kinds) -> dict:
-        """Activation masks (for search methods such as UPop): group name -> tensor of ones applied in
-        the forward. Added by the adapters that support it."""
-        raise NotImplementedError(f"{self.family} has no activation masks")
+    # unit kind -> attribute of the group's module that its forward multiplies (families with activation masks)
+    MASK_ATTRS: dict = {}
+
+    def attach_unit_masks(self, model: nn.Module, structure: Structure, kinds=("head_dim", "ffn")) -> dict:
+        """Activation masks for search methods such as UPop: {group name: ones(size)} set on each group's module
+        as `MASK_ATTRS[kind]`. They require grad but are not nn.Parameters, so no optimizer sees them."""
+        if not self.MASK_ATTRS:
+            raise NotImplementedError(f"{self.family} has no activation masks")
+        masks = {}
+        for g in structure:
+            if g.kind not in kinds:
+                continue
+            mod = model.get_submodule(g.module)
+            ref = next(mod.parameters())
+            m = torch.ones(g.size, device=ref.device, dtype=ref.dtype, requires_grad=True)
+            setattr(mod, self.MASK_ATTRS[g.kind], m)
+            masks[g.name] = m
+        return masks
 
     def set_unit_masks(self, model: nn.Module, structure: Structure, masks: dict) -> None:
         """Replace the activation masks the forward uses ({group name: tensor}), e.g. masks sampled anew at
-        every step (VTrans). Added by the adapters that support it."""
-        raise NotImplementedError(f"{self.family} cannot set activation masks")
+        every step (VTrans)."""
+        if not self.MASK_ATTRS:
+            raise NotImplementedError(f"{self.family} cannot set activation masks")
+        for g in structure:
+            if g.name in masks:
+                setattr(model.get_submodule(g.module), self.MASK_ATTRS[g.kind], masks[g.name])
 
 
 class TaskAdapter:

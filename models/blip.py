@@ -818,28 +818,10 @@ class BlipAdapter(ModelAdapter):
         return fill_params_per_unit(model, Structure(groups))
 
     # ------------------------------------------------------------------ masks
-    _ATTR = {"head_dim": "dim_mask", "ffn": "neuron_mask"}
-
-    def attach_unit_masks(self, model, structure, kinds=("head_dim", "ffn")):
-        """Activation masks of ones (requires_grad, not nn.Parameters, so no optimizer sees them): head_dim ->
-        the attention module's dim_mask (q, k, v after the head reshape), ffn -> neuron_mask before GELU.
-        The momentum encoders get none (UPop: they are EMA copies of the un-masked weights)."""
-        masks = {}
-        for g in structure:
-            if g.kind not in kinds:
-                continue
-            mod = model.get_submodule(g.module)
-            ref = next(mod.parameters())
-            m = torch.ones(g.size, device=ref.device, dtype=ref.dtype, requires_grad=True)
-            setattr(mod, self._ATTR[g.kind], m)
-            masks[g.name] = m
-        return masks
-
-    def set_unit_masks(self, model, structure, masks: dict) -> None:
-        groups = structure.by_name()
-        for name, m in masks.items():
-            g = groups[name]
-            setattr(model.get_submodule(g.module), self._ATTR[g.kind], m)
+    # UPop's masks (attach_unit_masks / set_unit_masks of ModelAdapter): head_dim -> the attention module's
+    # dim_mask (q, k, v after the head reshape), ffn -> neuron_mask before GELU. The momentum encoders get none
+    # (UPop: they are EMA copies of the un-masked weights).
+    MASK_ATTRS = {"head_dim": "dim_mask", "ffn": "neuron_mask"}
 
     # ------------------------------------------------------------------ extraction
     def fix_modules(self, model, structure, keep, options):

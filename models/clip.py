@@ -282,25 +282,8 @@ class ClipAdapter(ModelAdapter):
                                             modality=modality))
         return fill_params_per_unit(model, Structure(groups))
 
-    _ATTR = {"head_dim": "dim_mask", "ffn": "neuron_mask"}
-
-    def attach_unit_masks(self, model, structure, kinds=("head_dim", "ffn")):
-        """Masks of ones on the main model only (the momentum copy has none during the search, spec §3.8)."""
-        masks = {}
-        for g in structure:
-            if g.kind not in kinds:
-                continue
-            mod = model.get_submodule(g.module)
-            ref = next(mod.parameters())
-            m = torch.ones(g.size, device=ref.device, dtype=ref.dtype, requires_grad=True)
-            setattr(mod, self._ATTR[g.kind], m)
-            masks[g.name] = m
-        return masks
-
-    def set_unit_masks(self, model, structure, masks):
-        for g in structure:
-            if g.name in masks:
-                setattr(model.get_submodule(g.module), self._ATTR[g.kind], masks[g.name])
+    # masks of ones on the main model only (the momentum copy has none during the search, spec §3.8)
+    MASK_ATTRS = {"head_dim": "dim_mask", "ffn": "neuron_mask"}
 
     def fix_modules(self, model, structure, keep, options):
         scale_rule = options.get("attention_scale", self.DEFAULT_ATTENTION_SCALE)

@@ -137,28 +137,9 @@ class VitAdapter(ModelAdapter):
     # UPop's official ViT/DeiT code keeps the softmax scale of the unsliced head_dim (spec §9.8)
     DEFAULT_ATTENTION_SCALE = "fixed"
 
+    # activation masks (ModelAdapter.attach_unit_masks): head_dim -> attn.dim_mask on q, k, v; head ->
+    # attn.head_mask; ffn -> mlp.neuron_mask
     MASK_ATTRS = {"head_dim": "dim_mask", "head": "head_mask", "ffn": "neuron_mask"}
-
-    def attach_unit_masks(self, model, structure, kinds=("head_dim", "ffn")):
-        """Activation masks of ones (requires_grad, not nn.Parameters, so no optimizer sees them):
-        head_dim -> attn.dim_mask on q, k, v; head -> attn.head_mask; ffn -> mlp.neuron_mask."""
-        attr = self.MASK_ATTRS
-        masks = {}
-        for g in structure:
-            if g.kind not in kinds:
-                continue
-            mod = model.get_submodule(g.module)
-            ref = next(mod.parameters())
-            m = torch.ones(g.size, device=ref.device, dtype=ref.dtype, requires_grad=True)
-            setattr(mod, attr[g.kind], m)
-            masks[g.name] = m
-        return masks
-
-    def set_unit_masks(self, model, structure, masks):
-        groups = structure.by_name()
-        for name, m in masks.items():
-            g = groups[name]
-            setattr(model.get_submodule(g.module), self.MASK_ATTRS[g.kind], m)
 
     def fix_modules(self, model, structure, keep, options):
         for g in structure:

@@ -30,7 +30,6 @@ lazily on first use and kept in memory (small sets).
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +41,7 @@ from bench.api import TaskAdapter
 from bench.errors import BenchError, MissingData
 from bench.registry import register_task
 from tasks.micro_data import generate_atomically, micro_folder
+from tasks.retrieval import pre_caption
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -59,13 +59,6 @@ LAYOUT = """\
 
 MICRO_DEFAULTS = {"train_pairs": 3000, "dev_pairs": 400, "test_pairs": 400, "image_size": 32, "max_objects": 4,
                   "seed": 2024}
-
-
-def pre_caption(text: str, max_words: int = MAX_WORDS) -> str:
-    """BLIP's pre_caption: lower case, punctuation -> space, squeezed spaces, at most max_words words."""
-    text = re.sub(r"([.!\"()*#:;~])", " ", text.lower())
-    text = re.sub(r"\s{2,}", " ", text).rstrip("\n").strip(" ")
-    return " ".join(text.split(" ")[:max_words])
 
 
 def swap_left_right(sentence: str) -> str:
@@ -268,7 +261,7 @@ class Nlvr2Task(TaskAdapter):
         img0, img1, sents, labels = [], [], [], []
         for a in anns:
             i0, i1 = self._image(a["images"][0]), self._image(a["images"][1])
-            s = pre_caption(a["sentence"])
+            s = pre_caption(a["sentence"], MAX_WORDS)
             if augment and float(torch.rand((), generator=gen)) < 0.5:   # BLIP's pair swap (+ left/right words)
                 i0, i1, s = i1, i0, swap_left_right(s)
             img0.append(i0)

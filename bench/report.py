@@ -669,7 +669,7 @@ def _aligned(header, body) -> list[str]:
 
 def _md_table(header, body) -> list[str]:
     esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
-    align = ["---" if h in ("Method", "Ratio", "Profile", "Status") else "---:" for h in header]
+    align = ["---" if h in _TEXT_COLUMNS else "---:" for h in header]
     return (["| " + " | ".join(esc(h) for h in header) + " |", "| " + " | ".join(align) + " |"] +
             ["| " + " | ".join(esc(v) for v in r) + " |" for r in body])
 

@@ -300,7 +300,8 @@ class MacCounter(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module):
+def eval_mode(model: nn.Module):
+    """Context: the model in eval mode; every module's own train/eval flag restored afterwards."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -321,7 +322,7 @@ def count_macs(model: nn.Module, inputs: tuple, kwargs: dict | None = None) -> d
     if not isinstance(inputs, (tuple, list)):
         inputs = (inputs,)
     counter = MacCounter()
-    with _eval_mode(model), torch.inference_mode(), counter:
+    with eval_mode(model), torch.inference_mode(), counter:
         model(*inputs, **(kwargs or {}))
     return {"macs": counter.total,
             "by_op": dict(sorted(counter.by_op.items(), key=lambda kv: -kv[1])),

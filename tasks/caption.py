@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from bench.errors import BenchError
+from bench.measure import eval_mode
 from bench.registry import register_task
 from tasks.retrieval import CocoRetrievalTask, check_fields, normalise, read_json
 
@@ -158,12 +159,8 @@ class CaptionTask(CocoRetrievalTask):
         return res
 
     def evaluate(self, model: nn.Module, split: str = "test", device="cpu") -> dict:
-        was = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             res = self.generate(model, split, torch.device(device))
-        finally:
-            model.train(was)
         refs = self.references(split)
         out = caption_metrics(refs, res, spice=bool(self.settings.get("spice", True)))
         out["n"] = len(res)

@@ -63,6 +63,7 @@ from torch import nn
 
 from bench.api import TaskAdapter
 from bench.errors import BenchError, MissingData
+from bench.measure import eval_mode
 from bench.registry import register_task
 from tasks.micro_data import generate_atomically, micro_folder
 
@@ -77,6 +78,11 @@ EVAL_BATCH_SIZE = 128
 def accuracy(pred, gold) -> float:
     pred, gold = np.asarray(pred), np.asarray(gold)
     return float((pred == gold).mean()) if len(gold) else float("nan")
+
+
+def f1_and_accuracy(pred, gold) -> dict:
+    """MRPC's and QQP's pair of metrics, x100."""
+    return {"f1": 100 * f1_binary(pred, gold), "acc": 100 * accuracy(pred, gold)}
 
 
 def f1_binary(pred, gold) -> float:
@@ -677,17 +683,12 @@ class GlueTask(TaskAdapter):
     def predict(self, model, split: str, device) -> tuple:
         data = self.split(split)
         n = len(data["ids"])
-        was = model.training
-        model.eval()
         preds = []
-        try:
-            with torch.inference_mode():
-                for i in range(0, n, EVAL_BATCH_SIZE):
-                    b = self.collate(data, range(i, min(n, i + EVAL_BATCH_SIZE)))
-                    logits = self.forward(model, b, device).logits.float().cpu()
-                    preds.append(logits.view(-1) if self.regression else logits.argmax(-1))
-        finally:
-            model.train(was)
+        with eval_mode(model), torch.inference_mode():
+            for i in range(0, n, EVAL_BATCH_SIZE):
+                b = self.collate(data, range(i, min(n, i + EVAL_BATCH_SIZE)))
+                logits = self.forward(model, b, device).logits.float().cpu()
+                preds.append(logits.view(-1) if self.regression else logits.argmax(-1))
         if n == 0:
             raise BenchError(f"{self.name} {split} split is empty")
         return torch.cat(preds).numpy(), data["labels"].numpy()
@@ -745,7 +746,7 @@ class Mrpc(GlueTask):
     primary = "f1"
 
     def score(self, pred, gold):
-        return {"f1": 100 * f1_binary(pred, gold), "acc": 100 * accuracy(pred, gold)}
+        return f1_and_accuracy(pred, gold)
 
 
 @register_task("glue_stsb")
@@ -771,7 +772,7 @@ class Qqp(GlueTask):
     primary = "f1"
 
     def score(self, pred, gold):
-        return {"f1": 100 * f1_binary(pred, gold), "acc": 100 * accuracy(pred, gold)}
+        return f1_and_accuracy(pred, gold)
 
 
 @register_task("glue_mnli")

@@ -43,6 +43,7 @@ from torch import nn
 
 from bench.api import TaskAdapter
 from bench.errors import BenchError, MissingData
+from bench.measure import eval_mode
 from bench.registry import register_task
 from tasks.micro_data import generate_atomically, micro_folder
 
@@ -200,18 +201,13 @@ def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple:
 
 def perplexity(model: nn.Module, wins: torch.Tensor, device, batch_size: int = 1) -> dict:
     """exp(mean NLL over all predicted tokens) of `model` on the windows (B = batch_size per forward)."""
-    was = model.training
-    model.eval()
     total, count = 0.0, 0
-    try:
-        with torch.inference_mode():
-            for i in range(0, wins.shape[0], batch_size):
-                x = wins[i:i + batch_size].to(device)
-                out = model(x)
-                s, c = window_nll(out.logits if hasattr(out, "logits") else out, x)
-                total, count = total + s, count + c
-    finally:
-        model.train(was)
+    with eval_mode(model), torch.inference_mode():
+        for i in range(0, wins.shape[0], batch_size):
+            x = wins[i:i + batch_size].to(device)
+            out = model(x)
+            s, c = window_nll(out.logits if hasattr(out, "logits") else out, x)
+            total, count = total + s, count + c
     nll = total / count
     return {"ppl": math.exp(nll), "nll": nll, "windows": int(wins.shape[0]), "predicted_tokens": count}
 

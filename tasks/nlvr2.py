@@ -39,6 +39,7 @@ from torch import nn
 
 from bench.api import TaskAdapter
 from bench.errors import BenchError, MissingData
+from bench.measure import eval_mode
 from bench.registry import register_task
 from tasks.micro_data import generate_atomically, micro_folder
 from tasks.retrieval import pre_caption
@@ -293,17 +294,12 @@ class Nlvr2Task(TaskAdapter):
         """{"acc", "<split>_acc": percent, "n": pairs} on dev or test (test-P)."""
         anns = self.split(split)
         device = torch.device(device)
-        was = model.training
-        model.eval()
         correct = 0
-        try:
-            with torch.inference_mode():
-                for i in range(0, len(anns), EVAL_BATCH_SIZE):
-                    x0, x1, ids, mask, y = self._batch(anns[i:i + EVAL_BATCH_SIZE])
-                    logits = model(x0.to(device), x1.to(device), ids.to(device), mask.to(device))
-                    correct += int((logits.argmax(-1).cpu() == y).sum())
-        finally:
-            model.train(was)
+        with eval_mode(model), torch.inference_mode():
+            for i in range(0, len(anns), EVAL_BATCH_SIZE):
+                x0, x1, ids, mask, y = self._batch(anns[i:i + EVAL_BATCH_SIZE])
+                logits = model(x0.to(device), x1.to(device), ids.to(device), mask.to(device))
+                correct += int((logits.argmax(-1).cpu() == y).sum())
         acc = 100.0 * correct / len(anns)
         return {"acc": acc, f"{split}_acc": acc, "n": len(anns)}
 

@@ -42,6 +42,7 @@ from torch import nn
 
 from bench.api import TaskAdapter
 from bench.errors import BenchError, MissingData
+from bench.measure import eval_mode
 from bench.registry import register_task
 from tasks.micro_data import MARKER, generate_atomically, micro_folder
 
@@ -443,12 +444,8 @@ class RetrievalTask(TaskAdapter):
         return i2t.numpy(), t2i.numpy(), d
 
     def evaluate(self, model: nn.Module, split: str = "test", device="cpu") -> dict:
-        was = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             i2t, t2i, d = self.similarity(model, split, torch.device(device))
-        finally:
-            model.train(was)
         out = recall_at_k(i2t, t2i, d["txt2img"], d["img2txt"])
         out.update(n_images=len(d["images"]), n_texts=len(d["texts"]))
         return out

@@ -34,6 +34,7 @@ from torch import nn
 
 from bench.api import TaskAdapter
 from bench.errors import BenchError
+from bench.measure import eval_mode
 from bench.registry import register_task
 from tasks.micro_data import MARKER, generate_atomically, micro_folder
 from tasks.retrieval import ImageStore, TextTokenizer, check_fields, coco_image_name, normalise, pre_question, read_json
@@ -313,12 +314,8 @@ class VqaTask(TaskAdapter):
         return preds
 
     def evaluate(self, model: nn.Module, split: str = "val", device="cpu") -> dict:
-        was = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             preds = self.predict(model, split, torch.device(device))
-        finally:
-            model.train(was)
         items = self.split_items(split)
         result = [{"question_id": q, "answer": a} for q, a in preds.items()]
         out = {"n": len(items)}

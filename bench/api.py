@@ -15,7 +15,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from bench.options import OptionsModel
 from bench.structure import Structure
+
+
+class NoOptions(OptionsModel):
+    """A block with no keys: anything set in it is refused as unknown."""
 
 
 class ModelAdapter:
@@ -25,6 +30,7 @@ class ModelAdapter:
     ARCHS: dict = {}
     UNIT_KINDS: tuple = ()          # unit kinds the family exposes
     MODALITIES: tuple = ("vision",)
+    RECIPE_KEYS: frozenset = frozenset()   # model-side recipe keys (bench.recipe.MODEL_RECIPE_KEYS) it implements
 
     def __init__(self, arch: str, config: dict):
         self.arch = arch
@@ -80,6 +86,8 @@ class TaskAdapter:
     name: str = ""
     metrics: dict = {}
     layout: str = ""   # the on-disk layout, shown in errors and the README
+    Data: type[OptionsModel] = NoOptions   # the keys of a profile's `data:` block for this task
+    RECIPE_KEYS: frozenset = frozenset()    # data-side recipe keys (bench.recipe.TASK_RECIPE_KEYS) it implements
 
     def __init__(self, settings: dict, data_root: Path | None, profile: str, cache_dir: Path):
         if profile not in ("micro", "paper"):
@@ -164,6 +172,8 @@ class Method:
     uses_finetune_budget: bool = False   # gets the card's finetune block although the runner does not finetune
     settings_key: str = ""           # profile block with the method's settings (default: its own name)
     description: str = ""
+    Options: type[OptionsModel] = NoOptions    # the card's `method_options.<name>` block
+    Settings: type[OptionsModel] = NoOptions   # a profile's `<settings_key or name>:` block (budgets, schedules)
 
     def prune(self, ctx: CellContext) -> dict:
         """Return keep-masks {group name: bool tensor}. May train ctx.model in place."""

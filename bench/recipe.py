@@ -1,0 +1,84 @@
+"""The training recipe of a card's `dense:` and `finetune:` blocks (and of every training a method does).
+
+One typed block; `bench.training.train` implements every key, the task implements the data-side keys
+(augmentation, mixup/cutmix, label smoothing) and the model adapter the model-side ones (drop path). A key
+that the cell's task or model cannot honour is refused when the card is validated, never dropped.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from bench.options import Fraction, NonNegFloat, NonNegInt, OptionsModel, PositiveFloat, PositiveInt
+
+# recipe keys that the task must implement (data side) or the model adapter (model side); the rest are the loop's
+TASK_RECIPE_KEYS = ("label_smoothing", "mixup", "cutmix", "cutmix_minmax", "mixup_prob", "mixup_switch_prob",
+                    "mixup_mode", "auto_augment", "color_jitter", "crop_scale", "hflip", "reprob", "remode",
+                    "recount")
+MODEL_RECIPE_KEYS = ("drop_path",)
+
+
+class TrainRecipe(OptionsModel):
+    """How to train: budget, optimizer, schedule, regularisation and augmentation."""
+
+    # budget
+    epochs: NonNegFloat = Field(description="passes over the training split (0: no training; fractions allowed)")
+    lr: PositiveFloat = Field(description="peak learning rate (a number: write 1.0e-3, not 1e-3, which YAML reads as text)")
+    batch_size: PositiveInt = Field(description="samples per optimizer step (the effective batch)")
+    # optimizer
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw (DeiT, BLIP, UPop) or sgd with momentum (Segmenter)")
+    weight_decay: NonNegFloat = Field(0.05, description="decoupled (AdamW) or L2 (SGD) weight decay")
+    weight_decay_groups: Literal["no_norm_bias", "all"] = Field(
+        "no_norm_bias", description="no_norm_bias: norms, biases and the adapter's no-decay tensors (position "
+                                    "embeddings, class token) get none, as timm; all: every tensor, as the official BLIP code")
+    betas: list[float] = Field([0.9, 0.999], min_length=2, max_length=2, description="AdamW betas")
+    momentum: Fraction = Field(0.9, description="SGD momentum")
+    nesterov: bool = Field(False, description="SGD with Nesterov momentum")
+    clip_grad: PositiveFloat | None = Field(None, description="clip the gradient's global L2 norm to this value (none: no clipping)")
+    # schedule
+    schedule: Literal["cosine", "poly", "constant"] = Field("cosine", description="lr decay after the warm-up")
+    schedule_unit: Literal["step", "epoch"] = Field("step", description="update the lr every optimizer step, or once "
+                                                                        "per epoch (the official UPop retrain)")
+    poly_power: PositiveFloat = Field(0.9, description="exponent of the poly schedule (Segmenter: 0.9)")
+    warmup_epochs: NonNegFloat = Field(0.0, description="linear warm-up from warmup_lr to lr, in epochs")
+    warmup_lr: NonNegFloat = Field(0.0, description="lr at the start of the warm-up")
+    min_lr: NonNegFloat = Field(0.0, description="lr at the end of the decay")
+    # model-side regularisation (the model adapter implements it)
+    drop_path: Fraction | None = Field(None, description="stochastic depth rate of the residual branches (none: the model's own)")
+    # data-side regularisation and augmentation (the task implements it)
+    label_smoothing: Fraction = Field(0.0, description="label smoothing of the cross-entropy")
+    mixup: NonNegFloat = Field(0.0, description="mixup alpha (timm.data.Mixup; 0: off)")
+    cutmix: NonNegFloat = Field(0.0, description="cutmix alpha (timm.data.Mixup; 0: off)")
+    cutmix_minmax: list[float] | None = Field(None, min_length=2, max_length=2, description="cutmix box ratio range (overrides alpha)")
+    mixup_prob: Fraction = Field(1.0, description="probability of applying mixup or cutmix to a batch")
+    mixup_switch_prob: Fraction = Field(0.5, description="probability of cutmix instead of mixup when both are on")
+    mixup_mode: Literal["batch", "pair", "elem"] = Field("batch", description="mix per batch, per pair or per sample")
+    auto_augment: str | None = Field(None, description="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (none: off)")
+    color_jitter: NonNegFloat | None = Field(None, description="colour jitter strength (none: off)")
+    crop_scale: list[float] | None = Field(None, min_length=2, max_length=2, description="random-resized-crop area range (none: the task's default)")
+    hflip: Fraction | None = Field(None, description="horizontal flip probability (none: the task's default)")
+    reprob: Fraction = Field(0.0, description="random erasing probability (timm.data.RandomErasing)")
+    remode: Literal["pixel", "const", "rand"] = Field("pixel", description="random erasing fill")
+    recount: PositiveInt = Field(1, description="random erasing count")
+    # reporting
+    log_every: NonNegInt = Field(0, description="print the mean loss every N steps (0: quiet)")
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} is above lr {self.lr}")
+        if self.crop_scale is not None and not (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
+            raise ValueError(f"crop_scale must be 0 < low <= high <= 1, got {self.crop_scale}")
+        if self.label_smoothing >= 1:
+            raise ValueError("label_smoothing must be below 1")
+        return self
+
+    def changed_keys(self) -> set:
+        """The keys set to something other than their default (what a task or model must honour)."""
+        return {k for k, f in type(self).model_fields.items()
+                if not f.is_required() and getattr(self, k) != f.get_default(call_default_factory=True)}
+
+    def with_(self, **changes) -> "TrainRecipe":
+        """A copy with some keys changed, validated again."""
+        return type(self).model_validate({**self.model_dump(), **changes})

@@ -23,6 +23,12 @@ class NoOptions(OptionsModel):
     """A block with no keys: anything set in it is refused as unknown."""
 
 
+def model_no_weight_decay(model: nn.Module) -> set[str]:
+    """The names a timm-style model exempts from weight decay (`model.no_weight_decay()`), else an empty set."""
+    fn = getattr(model, "no_weight_decay", None)
+    return set(fn()) if callable(fn) else set()
+
+
 class ModelAdapter:
     """One model family. `ARCHS` maps architecture names to config dicts (timm-style `arch` names)."""
 
@@ -50,6 +56,30 @@ class ModelAdapter:
     def load_checkpoint(self, model: nn.Module, path: Path) -> None:
         """Load an official checkpoint (paper profile) by mapping its key names."""
         raise NotImplementedError
+
+    def no_weight_decay_names(self, model: nn.Module) -> set[str]:
+        """Parameter names (as `model.named_parameters()` gives them) that the recipe's `no_norm_bias` weight-decay
+        groups exempt besides 1-D tensors and biases: position embeddings, class tokens. Default: the model's
+        own timm-style `model.no_weight_decay()` if it has one, else none."""
+        return model_no_weight_decay(model)
+
+    def set_drop_path(self, model: nn.Module, rate: float) -> None:
+        """Set the stochastic-depth rate of the residual branches (the recipe's `drop_path`, model side): the
+        last block gets `rate`, earlier ones the linear rule timm uses (`torch.linspace(0, rate, depth)`); rate
+        0 removes it. Families that implement it list "drop_path" in RECIPE_KEYS."""
+        from bench.errors import BenchError
+        raise BenchError(f"model family {self.family or type(self).__name__} does not implement drop_path")
+
+    def example_inputs(self, batch_size: int, device) -> tuple:
+        """Inputs for `bench flops --model` / `bench speed --model` without a card: an image batch of the
+        config's img_size. Families with other inputs override this, or say which command counts them."""
+        size = self.config.get("img_size")
+        if size is None:
+            from bench.errors import BenchError
+            raise BenchError(f"{self.arch} does not take a plain image batch, so it cannot be counted without a "
+                             f"card's inputs: use `python -m bench flops --table <card>` with a card that uses it")
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (torch.zeros(batch_size, self.config.get("in_chans", 3), h, w, device=device),)
 
     # unit kind -> attribute of the group's module that its forward multiplies (families with activation masks)
     MASK_ATTRS: dict = {}
@@ -96,7 +126,11 @@ class TaskAdapter:
         if data_root is None:
             import os
             data_root = os.environ.get("BENCH_DATA") or "."
-        self.settings = dict(settings or {})
+        # the profile's `data:` block as the task's typed Data block (a plain dict for tasks that declare none)
+        from bench.options import OptionsModel, parse_block
+        self.settings = settings if isinstance(settings, OptionsModel) else (
+            parse_block(type(self).Data, settings or {}, "data") if type(self).Data is not NoOptions
+            else dict(settings or {}))
         self.data_root = Path(data_root)
         self.profile = profile
         self.cache_dir = Path(cache_dir)
@@ -104,11 +138,18 @@ class TaskAdapter:
     def prepare(self) -> None:
         """Make sure the data is there (micro: generate it; paper: check the layout, clear error if not)."""
 
-    def train_batches(self, batch_size: int, seed: int):
-        """Endless iterator of training batches (on CPU)."""
+    def check_model(self, model: nn.Module) -> None:
+        """Called once the dense model is built/loaded, before any training: raise BenchError if the model
+        cannot take this task's inputs (e.g. a tokenizer whose ids exceed the model's embedding rows)."""
+
+    def train_batches(self, batch_size: int, seed: int, recipe=None):
+        """Endless iterator of training batches (on CPU). `recipe` (a bench.recipe.TrainRecipe, or None for the
+        task's plain batches) carries the data-side keys the task implements (RECIPE_KEYS): augmentation,
+        mixup/cutmix; `bench.training.train` always passes it as a keyword."""
         raise NotImplementedError
 
-    def loss(self, model: nn.Module, batch, device) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch, device, recipe=None) -> torch.Tensor:
+        """Training loss of one batch; `recipe` as for train_batches (e.g. label smoothing)."""
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module, split: str, device) -> dict:
@@ -134,7 +175,8 @@ class TaskAdapter:
 
     def fingerprint(self) -> dict:
         """What identifies the data for caching (layout version, sizes, generator seed)."""
-        return {"task": self.name, "profile": self.profile, "settings": self.settings}
+        settings = self.settings.to_dict() if isinstance(self.settings, OptionsModel) else self.settings
+        return {"task": self.name, "profile": self.profile, "settings": settings}
 
 
 @dataclass
@@ -153,8 +195,8 @@ class CellContext:
     structure: Structure
     task: TaskAdapter
     ratio: RatioSpec
-    options: dict
-    settings: dict                   # the profile's training budget etc.
+    options: Any                     # the method's Options block (an OptionsModel; see Method.typed_blocks)
+    settings: dict                   # {"method": its Settings block, "finetune": a bench.recipe.TrainRecipe or None}
     device: torch.device
     seed: int
     train: Callable[..., dict]       # train(model, steps, lr, on_step=None, log_prefix="") -> stats
@@ -179,5 +221,28 @@ class Method:
         """Return keep-masks {group name: bool tensor}. May train ctx.model in place."""
         raise NotImplementedError
 
-    def option(self, ctx: CellContext, key: str, default: Any):
-        return ctx.options.get(key, default)
+    def typed_blocks(self, ctx: CellContext) -> tuple:
+        """(options, method settings, finetune recipe or None) of the cell as this method's typed blocks, also
+        stored back into `ctx`. The runner hands them typed; a plain dict (a hand-built context) or a block of
+        another class is validated here the same way, so a method reads every key by attribute, never with a
+        default of its own."""
+        from bench.options import parse_block
+        from bench.recipe import TrainRecipe
+
+        def typed(cls, data, where):
+            if isinstance(data, cls):
+                return data
+            if isinstance(data, OptionsModel):
+                data = data.model_dump(exclude_unset=True)
+            return parse_block(cls, data, where)
+
+        key = self.settings_key or self.name
+        ctx.options = typed(type(self).Options, ctx.options, f"method_options.{self.name}")
+        settings = dict(ctx.settings or {})
+        settings["method"] = typed(type(self).Settings, settings.get("method"), key)
+        if settings.get("finetune") is not None:
+            settings["finetune"] = typed(TrainRecipe, settings["finetune"], "finetune")
+        else:
+            settings["finetune"] = None
+        ctx.settings = settings
+        return ctx.options, settings["method"], settings["finetune"]

@@ -330,16 +330,6 @@ def count_macs(model: nn.Module, inputs: tuple, kwargs: dict | None = None) -> d
             "uncounted_ops": dict(sorted(counter.uncounted.items()))}
 
 
-def _image_inputs(config: dict, batch_size: int, device) -> tuple:
-    size = config.get("img_size")
-    if size is None:
-        raise ValueError("the architecture config has no img_size: pass make_inputs(batch_size, device) "
-                         "to arch_flops (the task's dummy inputs)")
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    chans = config.get("in_chans", 3)
-    return (torch.zeros(batch_size, chans, h, w, device=device),)
-
-
 def input_spec(inputs) -> str:
     leaves, _ = tree_flatten(inputs)
     return "+".join("x".join(str(int(s)) for s in t.shape) for t in leaves if isinstance(t, torch.Tensor))
@@ -360,7 +350,7 @@ def arch_flops(arch: str, config_overrides: dict | None = None, batch_size: int 
     meta = torch.device("meta")
     with meta:
         model = adapter.build()
-    inputs = make_inputs(batch_size, meta) if make_inputs else _image_inputs(cfg, batch_size, meta)
+    inputs = make_inputs(batch_size, meta) if make_inputs else adapter.example_inputs(batch_size, meta)
     if not isinstance(inputs, (tuple, list)):
         inputs = (inputs,)
     res = count_macs(model, tuple(inputs))

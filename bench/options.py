@@ -119,6 +119,15 @@ def _number_hint(kind: str, got) -> str:
     return f" (YAML reads {got} as text: write {v!r} with a decimal point, e.g. 1.0e-3)"
 
 
+def block_errors(model: type[BaseModel], data: Any, where: str) -> list:
+    """The problems of `data` as a `model` block (empty: valid), one sentence each."""
+    try:
+        model.model_validate({} if data is None else data)
+        return []
+    except ValidationError as e:
+        return describe_errors(e, model, where)
+
+
 def parse_block(model: type[M], data: Any, where: str) -> M:
     """Validate `data` against `model`; raise one BenchError whose lines name each problem's path."""
     try:
@@ -141,7 +150,7 @@ def field_docs(model: type[BaseModel]) -> list:
         bounds = [f"{sym}{getattr(m, attr)}" for m in f.metadata
                   for attr, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
                   if getattr(m, attr, None) is not None]
-        rows.append((name, _short_type(ann) + (f" ({', '.join(bounds)})" if bounds else ""), default,
+        rows.append((f.alias or name, _short_type(ann) + (f" ({', '.join(bounds)})" if bounds else ""), default,
                      f.description or ""))
     return rows
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from bench import report
-from bench.cards import load_card, table_dirs
+from bench.cards import card_dict, load_card, table_dirs
 from bench.config import Paths
 from bench.records import load_records, table_dir
 from bench.runner import Session, expand_cells, load_checked_card, resolve_device, reuse_record, run_cell
@@ -26,7 +26,7 @@ STATUS_WORD = {"pass": "PASSED", "fail": "FAILED", "error": "FAILED", "no_ref": 
 
 def pytest_addoption(parser):
     g = parser.getgroup("bench", "pruning benchmark cells")
-    g.addoption("--bench-profile", default="micro", choices=("micro", "paper"))
+    g.addoption("--bench-profile", default="micro", help="a profile of the card: micro (default), paper, or the card's own")
     g.addoption("--bench-methods", default=None, help="comma-separated methods (default: the card's)")
     g.addoption("--bench-ratios", default=None, help="comma-separated ratio labels (default: the card's)")
     g.addoption("--bench-seeds", default="0", help="comma-separated seeds")
@@ -72,7 +72,7 @@ class CardFile(pytest.File):
         cells = expand_cells(card, cfg.getoption("--bench-profile"), cfg.getoption("--bench-methods"),
                              cfg.getoption("--bench-ratios"), cfg.getoption("--bench-seeds"),
                              resolve_device(cfg.getoption("--bench-device")))
-        cfg._bench_tables[card["table"]] = card
+        cfg._bench_tables[card.table] = card_dict(card)
         for cell in cells:
             yield CellItem.from_parent(self, name=cell["cell_id"], cell=cell)
 

@@ -12,7 +12,7 @@ Record schema (RECORD_VERSION 1); every key is always present, values may be nul
   "reason": str | null,                                # why fail / error
   "table": str, "table_version": int, "profile": "micro" | "paper",
   "task": str, "split": str,                           # the split of the primary metric
-  "model_arch": str, "model_tag": str,                 # e.g. "vit_micro", "scratch" / "official"
+  "model_arch": str, "model_tag": str,                 # e.g. "vit_micro"; "scratch" / "checkpoint" / "checkpoint+finetune"
   "method": str, "method_impl": "official" | "reimpl" | "baseline" | "dense",
   "ratio_label": str, "ratio_p": float, "ratio_meaning": str, "seed": int,
   "config": dict,                                      # the resolved cell config (hashed)

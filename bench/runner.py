@@ -12,15 +12,19 @@ import math
 import time
 import traceback
 import uuid
+import warnings
 from pathlib import Path
 
 import torch
 
 from bench import measure
 from bench.api import CellContext, RatioSpec
-from bench.cards import DENSE_RATIO, REFERENCE_ROW_KEYS, check_card, load_card, ratio_by_label, reference_row, within
+from bench.api import NoOptions
+from bench.cards import DENSE_RATIO, REFERENCE_ROW_KEYS, load_card, load_checked_card, parse_card, within  # noqa: F401
+from bench.options import parse_block
+from bench.recipe import TrainRecipe
 from bench.config import Paths
-from bench.errors import BenchError, CellFailure, MissingData, UnknownName
+from bench.errors import BenchError, CellFailure, UnknownName
 from bench.records import RECORD_VERSION, cell_dir, config_hash, load_records, read_record, record_path, write_record
 from bench.registry import METHODS, MODELS, TASKS
 from bench.structure import extract, kept_param_count, retention, save_manifest, write_json_atomic
@@ -39,77 +43,102 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def _parse_list(value, kind, known, cast=str):
+def _parse_list(value, kind, known, cast=str, flag=None):
     if value in (None, ""):
         return None
-    items = [cast(v.strip()) for v in str(value).split(",") if v.strip()]
+    items = []
+    for v in str(value).split(","):
+        v = v.strip()
+        if not v:
+            continue
+        try:
+            items.append(cast(v))
+        except ValueError:
+            raise BenchError(f"{flag or kind}: {v!r} is not a whole number; give comma-separated integers, "
+                             f"e.g. {flag or kind} 0,1,2") from None
     for v in items:
         if known is not None and v not in known:
             raise UnknownName(kind, v, known)
     return items
 
 
-def card_parts(card: dict, profile: str) -> list:
+def card_parts(card, profile: str) -> list:
     """The (task, model) parts of a card: one for most cards; several when the card lists `tasks:` (GLUE)
     or when ratios name their own `model:` (GOHSP: DeiT-Tiny at 30%, DeiT-Small at 35% and 50%).
-    Returns [{"part": name or None, "task", "model_name", "arch", "ratios": [ratio dicts]}]."""
-    prof = card["profiles"][profile]
-    tasks = prof.get("tasks") or card.get("tasks") or [card["task"]]
-    names = list(dict.fromkeys(r.get("model") or card["model"] for r in card["ratios"]))
-    arch_of = {card["model"]: prof["model"], **(prof.get("models") or {})}
+    Returns [{"part": name or None, "task", "model_name", "arch", "ratios": [Ratio]}]."""
+    card = parse_card(card)
+    prof = card.profile(profile)
+    tasks = prof.tasks or card.task_names()
+    names = list(dict.fromkeys(r.model or card.model for r in card.ratios))
+    arch_of = {card.model: prof.model, **prof.models}
     parts = []
     for t in tasks:
         for name in names:
-            part = "/".join(x for x, multi in ((t, "tasks" in card), (name, len(names) > 1)) if multi) or None
+            part = "/".join(x for x, multi in ((t, card.tasks is not None), (name, len(names) > 1)) if multi) or None
             parts.append({"part": part, "task": t, "model_name": name, "arch": arch_of.get(name, name),
-                          "ratios": [r for r in card["ratios"] if (r.get("model") or card["model"]) == name]})
+                          "ratios": [r for r in card.ratios if (r.model or card.model) == name]})
     return parts
 
 
-def expand_cells(card: dict, profile: str, methods=None, ratios=None, seeds=None, device="cpu") -> list:
-    """The resolved config of every cell the card asks for under `profile`, filtered by the CLI lists."""
-    if profile not in card["profiles"]:
-        raise UnknownName("profile", profile, list(card["profiles"]))
-    prof = card["profiles"][profile]
-    methods = _parse_list(methods, "method", card["methods"]) or list(card["methods"])
-    labels = list(ratio_by_label(card))
+def _block(cls, data, where: str) -> dict:
+    """A typed block as plain data with its defaults filled in (what a cell's config and hash hold)."""
+    return parse_block(cls, data, where).to_dict()
+
+
+def expand_cells(card, profile: str, methods=None, ratios=None, seeds=None, device="cpu") -> list:
+    """The resolved config of every cell the card asks for under `profile`, filtered by the CLI lists.
+    A cell's config is plain JSON data (hashed, stored in its record, sent to workers); `run_cell` turns its
+    blocks back into the typed objects of the task, the method and the recipe."""
+    card = parse_card(card)
+    prof = card.profile(profile)
+    methods = _parse_list(methods, "method", card.methods) or list(card.methods)
+    labels = list(card.ratio_by_label())
     # a profile may run a subset of the card's ratios by default (`ratios: [2x, 4x]`); --ratios overrides it
-    ratio_sel = (_parse_list(ratios, "ratio", labels + ["1x"])
-                 or [str(r) for r in (prof.get("ratios") or []) if str(r) in labels] or labels)
-    seeds = _parse_list(seeds, "seed", None, int) or [0]
-    throughput = {**card["protocol"]["throughput"], **(prof.get("throughput") or {})}
+    ratio_sel = (_parse_list(ratios, "ratio", labels + [DENSE_RATIO["label"]])
+                 or [r for r in (prof.ratios or []) if r in labels] or labels)
+    seeds = _parse_list(seeds, "seed", None, int, flag="--seeds") or [0]
+    throughput = {**card.protocol.throughput.to_dict(),
+                  **{k: v for k, v in (prof.throughput.to_dict() if prof.throughput else {}).items() if v is not None}}
+    where = f"profiles.{profile}"
+    source = prof.source(profile)
     cells = []
     for part in card_parts(card, profile):
         arch = part["arch"]
         _, arch_cfg = MODELS.get(arch)
+        task_cls = TASKS.get(part["task"])
         # a task may need a head size (GLUE: num_labels 1 for STS-B, 3 for MNLI); the card's model_config wins
-        task_cfg = getattr(TASKS.get(part["task"]), "model_config_overrides", None) or {}
-        model_cfg = {**arch_cfg, **task_cfg, **(prof.get("model_config") or {})}
-        metrics = [m for m in card["metrics"] if m.get("task", part["task"]) == part["task"]]
-        for m in sorted(methods, key=lambda m: (m != "dense", card["methods"].index(m))):
+        task_cfg = getattr(task_cls, "model_config_overrides", None) or {}
+        model_cfg = {**arch_cfg, **task_cfg, **prof.config_overrides}
+        metrics = [m.to_dict() for m in card.metrics if (m.task or part["task"]) == part["task"]]
+        data = _block(task_cls.Data, prof.data, f"{where}.data") if task_cls.Data is not NoOptions else dict(prof.data)
+        for m in sorted(methods, key=lambda m: (m != "dense", card.methods.index(m))):
             method = METHODS.get(m)
-            rlist = [DENSE_RATIO] if m == "dense" else [r for r in part["ratios"] if str(r["label"]) in ratio_sel]
+            skey = method.settings_key or m
+            rlist = [DENSE_RATIO] if m == "dense" else [r.to_dict() for r in part["ratios"] if r.label in ratio_sel]
             for r in rlist:
                 for seed in seeds:
                     cfg = {
                         "record_version": RECORD_VERSION,
-                        "table": card["table"], "table_version": card["version"], "profile": profile,
-                        "task": part["task"], "data": prof.get("data") or {},
+                        "table": card.table, "table_version": card.version, "profile": profile,
+                        "data_source": source,
+                        "task": part["task"], "data": data,
                         "metrics": metrics,
                         "model": arch, "model_config": model_cfg,
-                        "checkpoint": _checkpoint(prof, part) if profile == "paper" else None,
-                        "dense_training": prof.get("dense") if profile == "micro" else None,
-                        "method": m, "method_options": (card.get("method_options") or {}).get(m, {}),
-                        "method_settings": prof.get(method.settings_key or m) or {},
+                        "checkpoint": _checkpoint(prof, part),
+                        "dense_training": prof.dense.to_dict() if prof.dense else None,
+                        "method": m,
+                        "method_options": _block(method.Options, card.method_options.get(m), f"method_options.{m}"),
+                        "method_settings": _block(method.Settings, prof.method_settings.get(skey), f"{where}.{skey}"),
                         "ratio": {"label": str(r["label"]), "p": float(r["p"])},
-                        "ratio_meaning": card["ratio_meaning"],
-                        "finetune": prof.get("finetune") if method.finetune or method.uses_finetune_budget else None,
+                        "ratio_meaning": card.ratio_meaning,
+                        "finetune": (prof.finetune.to_dict() if prof.finetune and (method.finetune or method.uses_finetune_budget)
+                                     else None),
                         "seed": seed, "device": device,
-                        "protocol": {"flops": card["protocol"]["flops"], "throughput": throughput},
+                        "protocol": {"flops": card.protocol.flops.to_dict(), "throughput": throughput},
                     }
-                    if card.get("ratio_basis", "prunable") != "prunable":   # only then: keeps older hashes valid
-                        cfg["ratio_basis"] = card["ratio_basis"]
-                    if part["part"]:                                        # likewise, multi-part cards only
+                    if card.ratio_basis != "prunable":   # only then: keeps older hashes valid
+                        cfg["ratio_basis"] = card.ratio_basis
+                    if part["part"]:                     # likewise, multi-part cards only
                         cfg["part"] = part["part"]
                     cfg["hash"] = config_hash(cfg)
                     prefix = f"{part['part'].replace('/', '-')}-" if part["part"] else ""
@@ -118,11 +147,17 @@ def expand_cells(card: dict, profile: str, methods=None, ratios=None, seeds=None
     return cells
 
 
-def _checkpoint(prof: dict, part: dict):
-    """The paper checkpoint of a part: `checkpoints: {model name or task name: file}` for multi-model cards
+def _checkpoint(prof, part: dict):
+    """The checkpoint of a part: `checkpoints: {model name or task name: file}` for multi-model cards
     and for multi-task cards whose dense models are fine-tuned per task (GLUE)."""
-    ck = prof.get("checkpoints") or {}
-    return ck.get(part["model_name"]) or ck.get(part["task"]) or prof.get("checkpoint")
+    ck = prof.checkpoints
+    return ck.get(part["model_name"]) or ck.get(part["task"]) or prof.checkpoint
+
+
+def task_profile(cfg) -> str:
+    """What a task adapter is told: "micro" (generate the synthetic data set) or "paper" (read the real layout)."""
+    return "micro" if cfg.get("data_source", "synthetic" if cfg["profile"] == "micro" else "folder") == "synthetic" \
+        else "paper"
 
 
 class Session:
@@ -137,7 +172,7 @@ class Session:
         key = (cfg["task"], cfg["profile"], config_hash(cfg["data"]))
         if key not in self._tasks:
             task_cls = TASKS.get(cfg["task"])
-            t = task_cls(cfg["data"], self.paths.data_root, cfg["profile"], self.paths.cache)
+            t = task_cls(cfg["data"], self.paths.data_root, task_profile(cfg), self.paths.cache)
             t.prepare()
             self._tasks[key] = t
         return self._tasks[key]
@@ -147,39 +182,96 @@ class Session:
         return ckpt if ckpt.is_absolute() else self.paths.checkpoints / ckpt
 
     def check_checkpoint(self, cfg) -> None:
-        path = self.checkpoint_path(cfg)
-        if not path.is_file():
-            raise MissingData(f"official checkpoint of {cfg['model']}", path,
-                              f"  {self.paths.checkpoints}/{cfg['checkpoint']}",
-                              "Put the released file there, or point --checkpoints DIR (or BENCH_CHECKPOINTS) at "
-                              "the folder that holds it. Nothing is downloaded at run time.")
+        """Pre-flight: the files the loader will read are there (a file, or a transformers folder with every
+        shard its index names): `bench.checkpoints.checkpoint_files`, MissingData naming the path if not."""
+        from bench.checkpoints import checkpoint_files
+        checkpoint_files(self.checkpoint_path(cfg), f"official checkpoint of {cfg['model']}")
 
-    def dense_model(self, cfg, task, device):
-        """Micro: train from scratch once, cached by the hash of what determines it. Paper: official weights."""
+    def preflight(self, cfg) -> None:
+        """Before any cell runs: the data is there and readable, the checkpoint's files are there and match the
+        architecture, and the model fits the task's inputs (built on the meta device: no weights, no memory;
+        the checkpoint's tensors are read once). Raises BenchError naming the problem, so nothing is written."""
+        task = self.task(cfg)
         adapter_cls, _ = MODELS.get(cfg["model"])
         adapter = adapter_cls(cfg["model"], cfg["model_config"])
-        if cfg["profile"] == "paper":
+        with torch.device("meta"):
+            model = adapter.build()
+        if cfg.get("checkpoint"):
+            self.check_checkpoint(cfg)
+            with warnings.catch_warnings():   # copying into meta tensors is the intended no-op here
+                warnings.filterwarnings("ignore", message=".*non-meta parameter in the checkpoint to a meta parameter")
+                adapter.load_checkpoint(model, self.checkpoint_path(cfg), **_quiet(adapter))
+            if not cfg.get("dense_training") and getattr(model, "_bench_left_at_init", None):
+                self._refuse_untrained(cfg, model._bench_left_at_init)
+        _check_model(task, model)
+
+    @staticmethod
+    def _refuse_untrained(cfg, untrained):
+        raise BenchError(f"checkpoint {cfg['checkpoint']} has no trained {', '.join(untrained)} for {cfg['task']}: "
+                         f"the dense row would be a random classifier. Add a dense recipe "
+                         f"(profiles.{cfg['profile']}.dense: {{epochs, lr, batch_size}}) to finetune it on the "
+                         f"task first, or use a checkpoint finetuned on {cfg['task']}")
+
+    def dense_model(self, cfg, task, device):
+        """The dense model of a cell, from the profile's dense-model source:
+        - `checkpoint` only: the weights as released;
+        - `dense` recipe only: trained from scratch on the task;
+        - both: the checkpoint, then a dense finetune on the task (a base checkpoint has no trained task head).
+        Trained models are cached by the hash of everything that determines them (and reused by later cells)."""
+        adapter_cls, _ = MODELS.get(cfg["model"])
+        adapter = adapter_cls(cfg["model"], cfg["model_config"])
+        recipe = cfg.get("dense_training")
+        key = {"model": cfg["model"], "model_config": cfg["model_config"], "task": task.fingerprint(),
+               "training": recipe, "seed": cfg["seed"]}
+        torch.manual_seed(cfg["seed"])
+        if cfg.get("checkpoint"):
             self.check_checkpoint(cfg)
             model = adapter.build()
             adapter.load_checkpoint(model, self.checkpoint_path(cfg))
-            return adapter, model.to(device).eval(), {"dense_s": 0.0, "model_tag": "official"}
-        key = {"model": cfg["model"], "model_config": cfg["model_config"], "task": task.fingerprint(),
-               "training": cfg["dense_training"], "seed": cfg["seed"]}
+            _check_model(task, model)
+            untrained = getattr(model, "_bench_left_at_init", None)
+            if not recipe and untrained:
+                self._refuse_untrained(cfg, untrained)
+            if not recipe:
+                return adapter, model.to(device).eval(), {"dense_s": 0.0, "model_tag": "checkpoint"}
+            key["checkpoint"] = _checkpoint_identity(self.checkpoint_path(cfg))
+            tag, what = "checkpoint+finetune", f"finetuning the dense {cfg['model']} from {cfg['checkpoint']} on {cfg['task']}"
+        else:
+            model = adapter.build()
+            _check_model(task, model)
+            tag, what = "scratch", f"training the dense {cfg['model']} from scratch"
         folder = self.paths.cache / "dense" / f"{cfg['model']}-{config_hash(key)}"
         from safetensors.torch import load_file, save_file
-        torch.manual_seed(cfg["seed"])
-        model = adapter.build()
         if (folder / "model.safetensors").is_file():
             model.load_state_dict(load_file(str(folder / "model.safetensors")))
-            return adapter, model.to(device).eval(), {"dense_s": 0.0, "model_tag": "scratch"}
-        self.log(f"training the dense {cfg['model']} from scratch (cached for later cells and runs)")
-        stats = train(model, task, device=device, seed=cfg["seed"], log=self.log, **cfg["dense_training"])
+            return adapter, model.to(device).eval(), {"dense_s": 0.0, "model_tag": tag}
+        self.log(f"{what} (cached for later cells and runs)")
+        stats = train(model, task, device=device, seed=cfg["seed"], log=self.log, adapter=adapter, **recipe)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / ".model.safetensors.tmp"
+        tmp = folder / f".model.safetensors.{uuid.uuid4().hex}.tmp"   # unique: concurrent runs may write at once
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
         write_json_atomic(folder / "training.json", {"key": key, "stats": stats})
         tmp.replace(folder / "model.safetensors")
-        return adapter, model.eval(), {"dense_s": stats["seconds"], "model_tag": "scratch"}
+        return adapter, model.eval(), {"dense_s": stats["seconds"], "model_tag": tag}
+
+
+def _quiet(adapter) -> dict:
+    """load_checkpoint(..., log=) where the adapter takes one: the pre-flight's load says nothing."""
+    import inspect
+    return {"log": lambda m: None} if "log" in inspect.signature(adapter.load_checkpoint).parameters else {}
+
+
+def _check_model(task, model) -> None:
+    """The task's check that the model fits its inputs (e.g. a tokenizer's ids within the embedding)."""
+    check = getattr(task, "check_model", None)
+    if check is not None:
+        check(model)
+
+
+def _checkpoint_identity(path: Path) -> list:
+    """What identifies a checkpoint for caching what was trained from it: its files' names, sizes and times."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [[str(p.relative_to(path.parent)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
 def reuse_record(output: Path, cfg: dict):
@@ -240,14 +332,18 @@ def _run_cell(cfg, session: Session, record: dict):
 
     # method: search / prune / train -> keep-masks
     torch.manual_seed(cfg["seed"])
-    settings = {"finetune": cfg["finetune"], "method": cfg["method_settings"]}
-    trainer = functools.partial(train, task=task, device=device, seed=cfg["seed"], log=session.log)
+    method_cls = METHODS.get(cfg["method"])
+    finetune = parse_block(TrainRecipe, cfg["finetune"], "finetune") if cfg["finetune"] else None
+    settings = {"finetune": finetune,
+                "method": parse_block(method_cls.Settings, cfg["method_settings"], f"{cfg['profile']}.{cfg['method']}")}
+    trainer = functools.partial(train, task=task, device=device, seed=cfg["seed"], log=session.log, adapter=adapter)
     structure = adapter.structure(model)
     ctx = CellContext(model=model, adapter=adapter, structure=structure, task=task,
                       ratio=RatioSpec(cfg["ratio"]["label"], cfg["ratio"]["p"], cfg["ratio_meaning"]),
-                      options=cfg["method_options"], settings=settings, device=device, seed=cfg["seed"],
+                      options=parse_block(method_cls.Options, cfg["method_options"], f"method_options.{cfg['method']}"),
+                      settings=settings, device=device, seed=cfg["seed"],
                       train=lambda m, **kw: trainer(m, **kw), log=session.log)
-    method = METHODS.get(cfg["method"])()
+    method = method_cls()
     t = time.perf_counter()
     keep = method.prune(ctx)
     record["timings"]["prune_s"] = round(time.perf_counter() - t, 3)
@@ -266,7 +362,7 @@ def _run_cell(cfg, session: Session, record: dict):
     if method.finetune and cfg["finetune"]:
         t = time.perf_counter()
         record["method_info"]["finetune"] = train(model, task, device=device, seed=cfg["seed"] + 1000,
-                                                  log=session.log, **cfg["finetune"])
+                                                  log=session.log, adapter=adapter, **cfg["finetune"])
         record["timings"]["finetune_s"] = round(time.perf_counter() - t, 3)
     save_manifest(cell_dir(session.paths.output, cfg["table"], cfg["hash"]), model, cfg["model"],
                   cfg["model_config"], structure, keep, ctx.extract_options,
@@ -357,11 +453,11 @@ def _judge(cfg, record, structure, counts):
         if gap > one_unit:
             problems.append(f"removed {record['params']['removed']} params, target {record['params']['target_removed']} "
                             f"(off by {gap} > one unit per kind = {one_unit})")
-    card = load_card(cfg["table"])
-    ref = reference_row(card, cfg["method"], cfg["ratio"]["label"], cfg["profile"], cfg.get("part"))
+    card = load_checked_card(cfg["table"])
+    ref = card.reference_row(cfg["method"], cfg["ratio"]["label"], cfg["profile"], cfg.get("part"))
     checks = []
     if ref:
-        tol = card["references"]["tolerance"]
+        tol = card.references.tolerance
         got = {**record["metrics"], "params_m": record["params"]["total"] / 1e6,
                "gflops": record["flops"]["macs"] / 1e9}
         for k, paper in ref.items():
@@ -370,7 +466,7 @@ def _judge(cfg, record, structure, counts):
             ok = within(got[k], paper, tol[k])
             checks.append({"name": k, "value": got[k], "paper": paper, "tolerance": tol[k], "ok": ok})
         record["reference"] = {"values": {k: v for k, v in ref.items() if k not in REFERENCE_ROW_KEYS},
-                               "source": ref.get("source") or card["references"]["source"],
+                               "source": ref.get("source") or card.references.source,
                                "tolerance": tol, "checks": checks}
     bad = [c for c in checks if not c["ok"]]
     if problems or bad:
@@ -382,8 +478,5 @@ def _judge(cfg, record, structure, counts):
 
 
 def table_records(card, paths: Paths, profile: str) -> list:
-    return load_records(paths.output, card["table"], profile)
+    return load_records(paths.output, parse_card(card).table, profile)
 
-
-def load_checked_card(name: str) -> dict:
-    return check_card(load_card(name))

@@ -1,62 +1,212 @@
-"""The one training loop every profile and method uses: AdamW, linear warm-up, cosine decay."""
+"""The one training loop every profile and method uses, driven by a `bench.recipe.TrainRecipe`.
+
+The loop implements the loop-side keys itself: the optimizer (AdamW with `betas`, or SGD with `momentum` /
+`nesterov`), weight-decay groups, gradient clipping and the lr schedule (linear warm-up, then cosine, poly or
+constant decay to `min_lr`, updated per step or once per epoch). The data-side keys (augmentation,
+mixup/cutmix, label smoothing) are the task's (`task.train_batches(..., recipe=)` / `task.loss(..., recipe=)`)
+and the model-side ones (drop path) the model adapter's (`adapter.set_drop_path`); a key the cell's task or
+model does not implement is refused before any step, never dropped.
+"""
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
 
-from bench.errors import CellFailure
+from bench.errors import BenchError, CellFailure
+from bench.recipe import MODEL_RECIPE_KEYS, TASK_RECIPE_KEYS, TrainRecipe
 
 
 def cosine_lr(step: int, total: int, base_lr: float, warmup: int = 0, min_lr: float = 0.0) -> float:
+    """The default schedule (cosine per step, warm-up from 0): `lr_at` with the recipe's default keys."""
     if warmup and step < warmup:
         return base_lr * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def train(model, task, *, epochs: float, lr: float, batch_size: int, device, seed: int,
-          weight_decay: float = 0.05, warmup_epochs: float = 0.0, min_lr: float = 0.0,
-          on_step: Callable[[int, int], None] | None = None, log: Callable[[str], None] | None = None,
-          extra_loss: Callable[[], torch.Tensor] | None = None,
-          log_every: int = 0, **_ignored) -> dict:
-    """Train `model` on `task` for `epochs` epochs. `on_step(step, total)` runs after every optimizer
-    step (methods use it to prune gradually or keep masked weights at zero); `extra_loss()` is added to
-    the task loss (e.g. UPop's L1 term on its masks). Raises CellFailure on a
-    non-finite loss, so the cell is reported with that reason."""
-    steps_per_epoch = task.steps_per_epoch(batch_size)
-    total = max(1, int(round(epochs * steps_per_epoch)))
-    warmup = int(round(warmup_epochs * steps_per_epoch))
+def schedule_units(recipe: TrainRecipe, steps_per_epoch: int) -> tuple[int, float, int]:
+    """(total optimizer steps, schedule length U, warm-up length W) in the recipe's schedule unit: steps, or
+    whole epochs (the warm-up rounded to whole epochs; U may be fractional when `epochs` is). epochs 0: no
+    step; any other budget: at least one."""
+    total = max(1, int(round(recipe.epochs * steps_per_epoch))) if recipe.epochs > 0 else 0
+    if recipe.schedule_unit == "step":
+        return total, float(total), int(round(recipe.warmup_epochs * steps_per_epoch))
+    return total, total / steps_per_epoch, int(round(recipe.warmup_epochs))
+
+
+def lr_at(step: int, recipe: TrainRecipe, steps_per_epoch: int) -> float:
+    """The lr of optimizer step `step` (0-based). With u the current unit (the step, or the epoch `step //
+    steps_per_epoch` when schedule_unit is epoch), U the run's length and W the warm-up's, both in units:
+
+    - warm-up (u < W): warmup_lr 0: lr * (u + 1) / W (the suite's rule since its first version); warmup_lr > 0:
+      warmup_lr + (lr - warmup_lr) * u / W (timm's and BLIP's linear warm-up, starting at warmup_lr);
+    - then t = (u - W) / max(1, U - W), capped at 1:
+      cosine: min_lr + (lr - min_lr) * (1 + cos(pi t)) / 2,
+      poly:   min_lr + (lr - min_lr) * (1 - t) ** poly_power  (Segmenter's PolynomialLR when W = 0),
+      constant: lr.
+    Cosine with W = 0 or warmup_lr > 0 is timm's CosineLRScheduler(t_initial=U - W, warmup_t=W,
+    warmup_lr_init=warmup_lr, warmup_prefix=True) at t = u; with the default keys this is
+    `cosine_lr(step, total, lr, warmup, min_lr)` exactly."""
+    total, U, W = schedule_units(recipe, steps_per_epoch)
+    u = step if recipe.schedule_unit == "step" else step // steps_per_epoch
+    base, lo = recipe.lr, recipe.min_lr
+    if W and u < W:
+        if recipe.warmup_lr == 0:
+            return base * (u + 1) / W
+        return recipe.warmup_lr + (base - recipe.warmup_lr) * u / W
+    t = min(1.0, (u - W) / max(1, U - W))
+    if recipe.schedule == "cosine":
+        return lo + 0.5 * (base - lo) * (1 + math.cos(math.pi * t))
+    if recipe.schedule == "poly":
+        return lo + (base - lo) * (1.0 - t) ** recipe.poly_power
+    return base
+
+
+def as_recipe(recipe=None, **fields) -> TrainRecipe:
+    """A TrainRecipe from a recipe, a plain dict (a card block) or keyword fields; fields given with a recipe
+    override its keys. An unknown or badly typed key is a BenchError naming it."""
+    from bench.options import parse_block
+    if recipe is None:
+        return parse_block(TrainRecipe, fields, "training recipe")
+    if isinstance(recipe, TrainRecipe):
+        return parse_block(TrainRecipe, {**recipe.model_dump(), **fields}, "training recipe") if fields else recipe
+    if isinstance(recipe, Mapping):
+        return parse_block(TrainRecipe, {**recipe, **fields}, "training recipe")
+    raise TypeError(f"recipe must be a TrainRecipe, a dict or None, not {type(recipe).__name__}")
+
+
+def check_recipe(recipe: TrainRecipe, task, adapter=None) -> None:
+    """Refuse a key set away from its default that the task (data side) or the model adapter (model side)
+    does not implement: BenchError naming the key, the task or model and what it implements."""
+    changed = recipe.changed_keys()
+    task_keys = frozenset(getattr(task, "RECIPE_KEYS", ()) or ())
+    missing = sorted(k for k in changed if k in TASK_RECIPE_KEYS and k not in task_keys)
+    if missing:
+        name = getattr(task, "name", "") or type(task).__name__
+        raise BenchError(f"training recipe: task {name} does not implement {', '.join(missing)} (it implements "
+                         f"{', '.join(sorted(task_keys)) or 'no data-side keys'}); remove the key(s) or implement "
+                         f"them in the task's train_batches/loss")
+    model_keys = [k for k in changed if k in MODEL_RECIPE_KEYS]
+    if model_keys:
+        if adapter is None:
+            raise BenchError(f"training recipe: {', '.join(sorted(model_keys))} needs the model adapter, and "
+                             f"train() was called without adapter=")
+        fam_keys = frozenset(getattr(adapter, "RECIPE_KEYS", ()) or ())
+        missing = sorted(k for k in model_keys if k not in fam_keys)
+        if missing:
+            fam = getattr(adapter, "family", "") or type(adapter).__name__
+            raise BenchError(f"training recipe: model family {fam} ({getattr(adapter, 'arch', '?')}) does not "
+                             f"implement {', '.join(missing)} (it implements "
+                             f"{', '.join(sorted(fam_keys)) or 'no model-side keys'})")
+
+
+def param_groups(model, recipe: TrainRecipe, adapter=None) -> list[dict]:
+    """Optimizer groups. no_norm_bias (timm's rule): no decay for 1-D tensors (norms, scales), biases and the
+    names the adapter declares (`no_weight_decay_names`: position embeddings, class tokens); all: every
+    trainable tensor decayed (the official BLIP code). Each group carries `names` for inspection."""
+    from bench.api import model_no_weight_decay
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if recipe.weight_decay_groups == "all":
+        return [{"params": [p for _, p in params], "names": [n for n, _ in params],
+                 "weight_decay": recipe.weight_decay}]
+    declared = getattr(adapter, "no_weight_decay_names", None)
+    skip = set(declared(model)) if declared is not None else model_no_weight_decay(model)
     decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or n.endswith(".bias") or "pos_embed" in n or "cls_token" in n else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    for n, p in params:
+        (no_decay if p.ndim <= 1 or n.endswith(".bias") or n in skip else decay).append((n, p))
+    return [{"params": [p for _, p in decay], "names": [n for n, _ in decay], "weight_decay": recipe.weight_decay},
+            {"params": [p for _, p in no_decay], "names": [n for n, _ in no_decay], "weight_decay": 0.0}]
+
+
+def make_optimizer(groups: list[dict], recipe: TrainRecipe) -> torch.optim.Optimizer:
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=recipe.lr, betas=tuple(recipe.betas))
+    return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
+
+
+def _apply_drop_path(model, adapter, rate: float):
+    """Set the drop-path rate through the adapter; return an undo that puts back the modules it replaced
+    (the rate is the recipe's for this training only: a later training with drop_path none gets the model's
+    own, in this process as after reloading the weights)."""
+    before = [(m, dict(m._modules)) for m in model.modules()]
+    adapter.set_drop_path(model, rate)
+    replaced = [(m, k, old, m._modules.get(k)) for m, kids in before for k, old in kids.items()
+                if m._modules.get(k) is not old]
+
+    def undo():
+        for m, k, old, new in replaced:
+            if m._modules.get(k) is new:
+                setattr(m, k, old)
+    return undo
+
+
+def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, seed: int,
+          log: Callable[[str], None] | None = None, on_step: Callable[[int, int], None] | None = None,
+          extra_loss: Callable[[], torch.Tensor] | None = None, adapter=None, **recipe_fields) -> dict:
+    """Train `model` on `task` as `recipe` says (or the recipe made of the keyword `recipe_fields`: epochs,
+    lr, batch_size, ... as in a card's finetune block; an unknown key is a BenchError). `adapter` (the model's
+    ModelAdapter) declares the no-decay tensors and implements drop_path. `on_step(step, total)` runs after
+    every optimizer step (methods use it to prune gradually or keep masked weights at zero); `extra_loss()` is
+    added to the task loss (e.g. UPop's L1 term on its masks). Raises CellFailure on a non-finite loss, so the
+    cell is reported with that reason.
+
+    Returns {steps, epochs, final_loss (mean over the last epoch's steps), seconds, optimizer, lr_first,
+    lr_last, ...}."""
+    recipe = as_recipe(recipe, **recipe_fields)
+    check_recipe(recipe, task, adapter)
+    steps_per_epoch = task.steps_per_epoch(recipe.batch_size)
+    total, _, _ = schedule_units(recipe, steps_per_epoch)
+    groups = param_groups(model, recipe, adapter)
+    stats_groups = {"decay": sum(len(g["params"]) for g in groups if g["weight_decay"]),
+                    "no_decay": sum(len(g["params"]) for g in groups if not g["weight_decay"])}
+    for g in groups:
+        del g["names"]
+    opt = make_optimizer(groups, recipe)
+    params = [p for g in groups for p in g["params"]]
+    undo = _apply_drop_path(model, adapter, recipe.drop_path) if recipe.drop_path is not None else None
     model.to(device).train()
     t0 = time.perf_counter()
-    batches = task.train_batches(batch_size, seed)
-    losses = []
-    for step in range(total):
-        cur = cosine_lr(step, total, lr, warmup, min_lr)
-        for g in opt.param_groups:
-            g["lr"] = cur
-        batch = next(batches)
-        loss = task.loss(model, batch, device)
-        if extra_loss is not None:
-            loss = loss + extra_loss()
-        if not torch.isfinite(loss):
-            raise CellFailure(f"non-finite loss ({loss.item()}) at step {step}/{total}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if on_step is not None:
-            on_step(step, total)
-        losses.append(loss.item())
-        if log and log_every and (step + 1) % log_every == 0:
-            log(f"step {step + 1}/{total} loss {sum(losses[-log_every:]) / log_every:.4f} lr {cur:.2e}")
+    losses, lrs, clipped = [], [], 0
+    try:
+        batches = task.train_batches(recipe.batch_size, seed, recipe=recipe) if total else iter(())
+        for step in range(total):
+            cur = lr_at(step, recipe, steps_per_epoch)
+            for g in opt.param_groups:
+                g["lr"] = cur
+            batch = next(batches)
+            loss = task.loss(model, batch, device, recipe=recipe)
+            if extra_loss is not None:
+                loss = loss + extra_loss()
+            if not torch.isfinite(loss):
+                raise CellFailure(f"non-finite loss ({loss.item()}) at step {step}/{total}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if recipe.clip_grad is not None:
+                norm = torch.nn.utils.clip_grad_norm_(params, recipe.clip_grad)
+                clipped += int(bool(norm > recipe.clip_grad))
+            opt.step()
+            if on_step is not None:
+                on_step(step, total)
+            losses.append(loss.item())
+            lrs.append(cur)
+            le = recipe.log_every
+            if log and le and (step + 1) % le == 0:
+                log(f"step {step + 1}/{total} loss {sum(losses[-le:]) / le:.4f} lr {cur:.2e}")
+    finally:
+        if undo is not None:
+            undo()
     model.eval()
     tail = losses[-max(1, steps_per_epoch):]
-    return {"steps": total, "epochs": epochs, "final_loss": sum(tail) / len(tail), "seconds": time.perf_counter() - t0}
+    stats = {"steps": total, "epochs": recipe.epochs, "final_loss": sum(tail) / len(tail) if tail else None,
+             "seconds": time.perf_counter() - t0, "optimizer": recipe.optimizer,
+             "lr_first": lrs[0] if lrs else None, "lr_last": lrs[-1] if lrs else None,
+             "param_groups": stats_groups}
+    if recipe.clip_grad is not None:
+        stats["clipped_steps"] = clipped
+    if recipe.drop_path is not None:
+        stats["drop_path"] = recipe.drop_path
+    return stats

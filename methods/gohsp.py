@@ -52,23 +52,67 @@ Options (card `method_options.gohsp`) standing for unknown details [I = spec inf
                  measured on the micro model, hence the default.
   Calibration data: batches of the task's training split (size NOT FOUND: settings below).
 Profile settings (card `profiles.<p>.gohsp`), all NOT FOUND in the paper:
-  calib_batches (4), calib_batch_size (64), admm_epochs (E_admm), lr, batch_size, weight_decay,
+  calib_batches (4), calib_batch_size (64), admm_epochs (E_admm) and lr (both required: the stage's budget
+  has no default anywhere), batch_size (the finetune block's), weight_decay (0.05), min_lr (0),
   rho0 (1e-3, spec suggestion), rho_growth (1.5 per update, spec 1.3-2), rho_max (1.0),
   update_every (steps between Z/U updates; default one epoch), residual_stop (1e-3, spec step 13).
+Both blocks are declared below (GOHSPOptions, GOHSPSettings).
 """
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
+from pydantic import Field
 
 from bench.api import Method
 from bench.errors import BenchError
+from bench.options import Fraction, NonNegFloat, OptionsModel, PositiveFloat, PositiveInt
 from bench.registry import register_method
 from bench.structure import Structure, param_masks
 
 DEFAULT_KINDS = ("head", "head_dim", "ffn")
 SIMILARITIES = ("abs_cosine", "cosine_relu", "correlation", "rbf")
+
+
+class GOHSPOptions(OptionsModel):
+    """The card's `method_options.gohsp` block: the reconstructed choices of each stage (module docstring)."""
+
+    unit_kinds: list[Literal["head", "head_dim", "ffn"]] = Field(
+        list(DEFAULT_KINDS), min_length=1,
+        description="heads (required: the graph ranks them), head-dim columns, FFN neurons; [head, ffn] drops the columns")
+    similarity: Literal["abs_cosine", "cosine_relu", "correlation", "rbf"] = Field(
+        "abs_cosine", description="edge weight between two heads' outputs, averaged over images")
+    damping: Fraction = Field(0.0, description="teleport a of the chain, P <- (1-a)P + a/H (0: none; PageRank: 0.15)")
+    ranking: Literal["importance", "redundancy"] = Field(
+        "importance", description="keep the heads with the largest stationary probability (importance) or the smallest")
+    head_budget: Literal["per_block", "global"] = Field(
+        "per_block", description="every block loses the same number of heads, or one ranking of H*pi across blocks")
+    attn_split: Literal["geometric", "heads_only"] = Field(
+        "geometric", description="heads and head-dims keep sqrt(1-q) of a block's attention each, or heads only")
+    ffn_budget: Literal["global", "per_layer"] = Field(
+        "global", description="one group-norm ranking of all FFN neurons, or the same count per layer")
+    dual: bool = Field(True, description="scaled dual U (ADMM); false: quadratic penalty with a growing coefficient")
+    reselect: bool = Field(False, description="re-rank the columns of W + U at every Z-step (else the support is fixed at the start)")
+
+
+class GOHSPSettings(OptionsModel):
+    """A profile's `gohsp:` block: calibration and the ADMM schedule (none of it is in the paper)."""
+
+    admm_epochs: NonNegFloat = Field(description="epochs of the ADMM soft-pruning stage (0: hard prune right away)")
+    lr: PositiveFloat = Field(description="peak learning rate of the ADMM stage (cosine decay, no warm-up)")
+    batch_size: PositiveInt | None = Field(None, description="batch size of the ADMM stage (null: the finetune "
+                                                             "block's, else 64)")
+    weight_decay: NonNegFloat = Field(0.05, description="AdamW weight decay of the ADMM stage")
+    min_lr: NonNegFloat = Field(0.0, description="lr at the end of the ADMM stage's cosine decay")
+    calib_batches: PositiveInt = Field(4, description="training batches whose head outputs build the head graphs")
+    calib_batch_size: PositiveInt = Field(64, description="batch size of the calibration batches")
+    rho0: PositiveFloat = Field(1e-3, description="initial ADMM penalty rho (spec suggestion)")
+    rho_growth: PositiveFloat = Field(1.5, description="rho <- min(rho_growth x rho, rho_max) after every Z/U update")
+    rho_max: PositiveFloat = Field(1.0, description="upper bound of rho")
+    update_every: PositiveInt | None = Field(None, description="steps between Z/U updates (null: one epoch)")
+    residual_stop: PositiveFloat = Field(1e-3, description="relative primal residual recorded as converged below this")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,13 +223,14 @@ def _spread(total: int, caps: list) -> list:
     return out
 
 
-def gohsp_plan(structure: Structure, p_total: float, total_params: int, options: dict | None = None) -> dict:
-    """Unit counts that remove p_total x total_params (within half an FFN unit when FFN groups exist).
+def gohsp_plan(structure: Structure, p_total: float, total_params: int, attn_split: str = "geometric",
+               ffn_budget: str = "global") -> dict:
+    """Unit counts that remove p_total x total_params (within half an FFN unit when FFN groups exist);
+    attn_split and ffn_budget as the options of that name (GOHSPOptions).
 
     Returns {"per_group": {group: n removed}, "per_kind": {kind: n}, "target", "planned", "q"}; per_group
     head counts are the per-block split (the `global` head budget redistributes them but keeps the sum)."""
-    o = dict(options or {})
-    split = o.get("attn_split", "geometric")
+    split = attn_split
     if split not in ("geometric", "heads_only"):
         raise BenchError(f"gohsp attn_split must be 'geometric' or 'heads_only', got {split!r}")
     target = float(p_total) * float(total_params)
@@ -228,7 +273,7 @@ def gohsp_plan(structure: Structure, p_total: float, total_params: int, options:
         ppu = sum(g.params_per_unit for g in ffn) / len(ffn)
         cap = sum(g.size - g.min_keep for g in ffn)
         n = max(0, min(cap, int(round((target - removed) / ppu))))
-        if o.get("ffn_budget", "global") == "per_layer":
+        if ffn_budget == "per_layer":
             counts = _spread(n, [g.size - g.min_keep for g in ffn])
         else:
             counts = [None] * len(ffn)
@@ -247,10 +292,11 @@ def gohsp_plan(structure: Structure, p_total: float, total_params: int, options:
             "keep_frac": keep_frac}
 
 
-def gohsp_budgets(structure: Structure, p_total: float, total_params: int, options: dict | None = None) -> dict:
+def gohsp_budgets(structure: Structure, p_total: float, total_params: int, attn_split: str = "geometric",
+                  ffn_budget: str = "global") -> dict:
     """{kind: number of units to remove} for p_total of the total params (what SOMP/SGMP need to run at
     GOHSP's budgets). head_dim counts are summed over blocks (each block loses the same number)."""
-    return gohsp_plan(structure, p_total, total_params, options)["per_kind"]
+    return gohsp_plan(structure, p_total, total_params, attn_split, ffn_budget)["per_kind"]
 
 
 def _lowest(scores: torch.Tensor, n: int, forced: torch.Tensor | None = None) -> torch.Tensor:
@@ -264,19 +310,19 @@ def _lowest(scores: torch.Tensor, n: int, forced: torch.Tensor | None = None) ->
     return keep
 
 
-def select_at_budgets(structure: Structure, scores: dict, p_total: float, total_params: int,
-                      options: dict | None = None, already_removed: dict | None = None) -> dict:
+def select_at_budgets(structure: Structure, scores: dict, p_total: float, total_params: int, *,
+                      head_budget: str = "per_block", attn_split: str = "geometric", ffn_budget: str = "global",
+                      already_removed: dict | None = None) -> dict:
     """Keep-masks with GOHSP's unit counts, choosing the lowest `scores` (e.g. magnitudes): the helper
     SOMP/SGMP call for `allocation: gohsp`. Heads: per block (or one global ranking of the scores with
     `head_budget: global`); head-dims: per block; FFN: one global ranking (or per layer). Units in
     `already_removed` stay removed (SGMP: no regrowth)."""
-    o = dict(options or {})
-    plan = gohsp_plan(structure, p_total, total_params, o)
+    plan = gohsp_plan(structure, p_total, total_params, attn_split, ffn_budget)
     gone = {k: v.bool() for k, v in (already_removed or {}).items()}
     keep = {}
     groups = list(structure)
     head_groups = [g for g in groups if g.kind == "head"]
-    if o.get("head_budget", "per_block") == "global" and head_groups:
+    if head_budget == "global" and head_groups:
         keep.update(_global_lowest(head_groups, {g.name: scores[g.name] for g in head_groups},
                                    plan["per_kind"].get("head", 0), gone))
     for g in groups:
@@ -394,7 +440,7 @@ class _Params:
         return iter(self.t.items())
 
 
-def project(structure: Structure, tensors: dict, head_keep: dict, plan: dict, options: dict) -> tuple:
+def project(structure: Structure, tensors: dict, head_keep: dict, plan: dict) -> tuple:
     """Pi_S(tensors): keep-masks (stage-1 heads; head-dims per block and FFN neurons by group L2 norm of
     `tensors`, head-dim norms over the kept heads only) and the projected tensors (only the names of
     `tensors` that the structure cuts)."""
@@ -428,38 +474,38 @@ class GOHSP(Method):
     finetune = True
     settings_key = "gohsp"
     description = "graph-based head ranking (Markov stationary distribution) + ADMM soft pruning + hard prune"
+    Options = GOHSPOptions
+    Settings = GOHSPSettings
 
     def prune(self, ctx):
-        o = dict(ctx.options)
-        s = dict(ctx.settings.get("method") or {})
-        kinds = list(o.get("unit_kinds", DEFAULT_KINDS))
+        o, s, ft = self.typed_blocks(ctx)
+        kinds = list(o.unit_kinds)
         if "head" not in kinds:
             raise BenchError("gohsp needs the 'head' unit kind (its graph ranks heads)")
         st = ctx.adapter.structure(ctx.model, kinds)
         ctx.structure = st
         model = ctx.model.to(ctx.device)
         total_params = sum(p.numel() for p in model.parameters())
-        plan = gohsp_plan(st, ctx.ratio.p, total_params, o)
+        plan = gohsp_plan(st, ctx.ratio.p, total_params, o.attn_split, o.ffn_budget)
 
         # stage 1: graph-based head ranking
-        sim_kind = o.get("similarity", "abs_cosine")
-        batches = ctx.task.train_batches(int(s.get("calib_batch_size", 64)), ctx.seed + 7)
-        sims = collect_head_similarity(model, st, batches, int(s.get("calib_batches", 4)), ctx.device, sim_kind)
-        head_keep, graph_info = rank_heads(st, sims, plan, float(o.get("damping", 0.0)),
-                                           o.get("ranking", "importance"), o.get("head_budget", "per_block"))
+        sim_kind = o.similarity
+        batches = ctx.task.train_batches(s.calib_batch_size, ctx.seed + 7)
+        sims = collect_head_similarity(model, st, batches, s.calib_batches, ctx.device, sim_kind)
+        head_keep, graph_info = rank_heads(st, sims, plan, float(o.damping), o.ranking, o.head_budget)
 
         # stage 2: ADMM soft pruning
         params = dict(model.named_parameters())
         names = sorted(param_masks(model, st, st.full_keep()))
         W = {n: params[n] for n in names}
-        keep, Z = project(st, {n: W[n].detach() for n in names}, head_keep, plan, o)
+        keep, Z = project(st, {n: W[n].detach() for n in names}, head_keep, plan)
         U = {n: torch.zeros_like(W[n]) for n in names}
-        state = {"rho": float(s.get("rho0", 1e-3))}
-        growth, rho_max = float(s.get("rho_growth", 1.5)), float(s.get("rho_max", 1.0))
-        bs = int(s.get("batch_size", (ctx.settings.get("finetune") or {}).get("batch_size", 64)))
-        epochs = float(s.get("admm_epochs", 2))
-        every = int(s.get("update_every", ctx.task.steps_per_epoch(bs)))
-        stop = float(s.get("residual_stop", 1e-3))
+        state = {"rho": float(s.rho0)}
+        growth, rho_max = float(s.rho_growth), float(s.rho_max)
+        bs = s.batch_size if s.batch_size is not None else (ft.batch_size if ft is not None else 64)
+        epochs = float(s.admm_epochs)
+        every = s.update_every if s.update_every is not None else ctx.task.steps_per_epoch(bs)
+        stop = float(s.residual_stop)
         history = []
 
         def residual():
@@ -474,8 +520,8 @@ class GOHSP(Method):
         def penalty():
             return 0.5 * state["rho"] * sum((W[n] - Z[n] + U[n]).pow(2).sum() for n in names)
 
-        use_dual = bool(o.get("dual", True))
-        reselect = bool(o.get("reselect", False))
+        use_dual = o.dual
+        reselect = o.reselect
         fixed = param_masks(model, st, keep)
 
         def on_step(step, total):
@@ -484,7 +530,7 @@ class GOHSP(Method):
             with torch.no_grad():
                 V = {n: W[n].detach() + U[n] for n in names}
                 if reselect:
-                    k, z = project(st, V, head_keep, plan, o)
+                    k, z = project(st, V, head_keep, plan)
                     keep.update(k)
                 else:
                     z = {n: V[n] * fixed[n] for n in names}
@@ -502,20 +548,20 @@ class GOHSP(Method):
 
         stats = None
         if epochs > 0:
-            stats = ctx.train(model, epochs=epochs, lr=float(s.get("lr", 5e-4)), batch_size=bs,
-                              weight_decay=float(s.get("weight_decay", 0.05)), warmup_epochs=0,
-                              min_lr=float(s.get("min_lr", 0.0)), on_step=on_step, extra_loss=penalty)
+            stats = ctx.train(model, epochs=epochs, lr=float(s.lr), batch_size=bs,
+                              weight_decay=float(s.weight_decay), warmup_epochs=0,
+                              min_lr=float(s.min_lr), on_step=on_step, extra_loss=penalty)
 
         # stage 3: hard prune = Pi_S(W)
         if reselect:
-            final_keep, _ = project(st, {n: W[n].detach() for n in names}, head_keep, plan, o)
+            final_keep, _ = project(st, {n: W[n].detach() for n in names}, head_keep, plan)
         else:
             final_keep = {k: v.clone() for k, v in keep.items()}
         ctx.info.update({
             "impl": "reimpl",
-            "options": {"unit_kinds": st.kinds(), "similarity": sim_kind, "damping": float(o.get("damping", 0.0)),
-                        "ranking": o.get("ranking", "importance"), "head_budget": o.get("head_budget", "per_block"),
-                        "attn_split": o.get("attn_split", "geometric"), "ffn_budget": o.get("ffn_budget", "global")},
+            "options": {"unit_kinds": st.kinds(), "similarity": sim_kind, "damping": float(o.damping),
+                        "ranking": o.ranking, "head_budget": o.head_budget,
+                        "attn_split": o.attn_split, "ffn_budget": o.ffn_budget},
             "budget": {"p_total": ctx.ratio.p, "total_params": total_params, "target_removed": plan["target"],
                        "planned_removed": plan["planned"], "q_prunable": plan["q"], "per_kind": plan["per_kind"]},
             "graph": graph_info,

@@ -3,13 +3,34 @@ selection. Spec: shared/specs/gohsp_vtrans_baselines.md §4.1."""
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
+from pydantic import Field
 
 from bench.errors import BenchError
+from bench.options import OptionsModel
 from bench.structure import Structure
 
 ALLOCATIONS = ("per_type", "per_layer", "global", "gohsp")
+
+
+class MagnitudeOptions(OptionsModel):
+    """The card's `method_options.somp` / `method_options.sgmp` block."""
+
+    unit_kinds: list[Literal["head", "head_dim", "ffn", "hidden"]] = Field(
+        ["head", "ffn"], min_length=1,
+        description="unit kinds to prune ([head, ffn]: GOHSP's structure; [head_dim, ffn]: UPop's units)")
+    allocation: Literal["per_type", "per_layer", "global", "gohsp"] = Field(
+        "per_type", description="per_type: one ranking per kind, p of its params; per_layer: p of every group; "
+                                "global: one ranking, scores / sqrt(params per unit); gohsp: GOHSP's unit budgets")
+    norm: Literal["l1", "l2"] = Field("l2", description="norm of the weights a unit owns, its score")
+    head_budget: Literal["per_block", "global"] = Field(
+        "per_block", description="allocation gohsp: heads removed per block, or one ranking across blocks")
+    attn_split: Literal["geometric", "heads_only"] = Field(
+        "geometric", description="allocation gohsp: heads and head-dims keep sqrt(1-q) each, or heads only")
+    ffn_budget: Literal["global", "per_layer"] = Field(
+        "global", description="allocation gohsp: one ranking of all FFN neurons, or the same count per layer")
 
 
 @torch.no_grad()
@@ -90,12 +111,15 @@ def select_for_method(ctx, structure: Structure, scores: dict, p: float, allocat
     if allocation == "gohsp":
         from methods.gohsp import select_at_budgets
         total = sum(p_.numel() for p_ in ctx.model.parameters())
-        return select_at_budgets(structure, scores, p, total, ctx.options, already_removed=already_removed)
+        o = ctx.options
+        return select_at_budgets(structure, scores, p, total, head_budget=o.head_budget, attn_split=o.attn_split,
+                                 ffn_budget=o.ffn_budget, already_removed=already_removed)
     return select_units(structure, scores, p, allocation, already_removed=already_removed)
 
 
-def method_structure(ctx, default_kinds) -> Structure:
-    kinds = ctx.options.get("unit_kinds", list(default_kinds))
+def method_structure(ctx) -> Structure:
+    """The structure of the option `unit_kinds` (ctx.options: a MagnitudeOptions), also set as ctx.structure."""
+    kinds = list(ctx.options.unit_kinds)
     st = ctx.adapter.structure(ctx.model, kinds)
     ctx.structure = st
     return st

@@ -13,10 +13,22 @@ Options (card `method_options.sgmp`): unit_kinds, allocation, norm as SOMP; sche
 profile's `sgmp` block: prune_start_epoch (t0, default 0), prune_end_fraction (fraction of the run
 by which s_f is reached, default 0.5), prune_events (n, default 10).
 """
+from pydantic import Field
+
 from bench.api import Method
+from bench.errors import BenchError
+from bench.options import Fraction, NonNegFloat, OptionsModel, PositiveInt
 from bench.registry import register_method
 from bench.structure import apply_param_masks, param_masks
-from methods.magnitude import method_structure, select_for_method, unit_scores
+from methods.magnitude import MagnitudeOptions, method_structure, select_for_method, unit_scores
+
+
+class SGMPSettings(OptionsModel):
+    """A profile's `sgmp:` block: the cubic schedule (the run's length is the card's finetune block)."""
+
+    prune_start_epoch: NonNegFloat = Field(0.0, description="t0: epoch of the first pruning event")
+    prune_end_fraction: Fraction = Field(0.5, description="fraction of the run by which the final sparsity p is reached")
+    prune_events: PositiveInt = Field(10, description="n: number of pruning events after the first")
 
 
 def cubic_sparsity(t: int, t0: int, dt: int, n: int, s_i: float, s_f: float) -> float:
@@ -43,17 +55,19 @@ class SGMP(Method):
     finetune = False   # the gradual run is the finetune (equal compute with SOMP)
     uses_finetune_budget = True
     description = "structured gradual magnitude pruning (cubic schedule) during training"
+    Options = MagnitudeOptions
+    Settings = SGMPSettings
 
     def prune(self, ctx):
-        st = method_structure(ctx, ("head", "ffn"))
-        norm = ctx.options.get("norm", "l2")
-        allocation = ctx.options.get("allocation", "per_type")
-        sched = dict(ctx.settings.get("method") or {})
-        ft = ctx.settings["finetune"]
-        spe = ctx.task.steps_per_epoch(ft["batch_size"])
-        total = max(1, int(round(ft["epochs"] * spe)))
-        t0, dt, n = prune_steps(total, spe, sched.get("prune_start_epoch", 0), sched.get("prune_end_fraction", 0.5),
-                                sched.get("prune_events", 10))
+        o, sched, ft = self.typed_blocks(ctx)
+        if ft is None:
+            raise BenchError("sgmp trains for the card's finetune block (epochs, lr, batch_size), and this profile "
+                             "has none")
+        st = method_structure(ctx)
+        norm, allocation = o.norm, o.allocation
+        spe = ctx.task.steps_per_epoch(ft.batch_size)
+        total = max(1, int(round(ft.epochs * spe)))
+        t0, dt, n = prune_steps(total, spe, sched.prune_start_epoch, sched.prune_end_fraction, sched.prune_events)
         event_steps = {t0 + k * dt for k in range(n + 1)}
         keep = st.full_keep()
         state = {"masks": None}
@@ -78,7 +92,7 @@ class SGMP(Method):
 
         if t0 >= total:
             prune_event(t0)
-        stats = ctx.train(ctx.model, on_step=on_step, **ft)
+        stats = ctx.train(ctx.model, recipe=ft, on_step=on_step)
         if cubic_sparsity(max(event_steps), t0, dt, n, 0.0, ctx.ratio.p) < ctx.ratio.p - 1e-9:
             prune_event(max(event_steps))
         ctx.info.update({"schedule": {"t0": t0, "dt": dt, "n": n, "total_steps": total}, "events": history,

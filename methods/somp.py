@@ -11,10 +11,12 @@ Options (card `method_options.somp`), each a guess of the spec made explicit:
                per_layer, global (scores divided by sqrt(params per unit)), or gohsp (GOHSP's unit
                budgets for p of the total params: same kept head/head-dim/FFN counts as GOHSP)
   norm       : l2 (default) or l1
+  head_budget, attn_split, ffn_budget : with allocation gohsp, GOHSP's budget options (methods/gohsp.py)
+(declared in methods.magnitude.MagnitudeOptions)
 """
 from bench.api import Method
 from bench.registry import register_method
-from methods.magnitude import method_structure, select_for_method, unit_scores
+from methods.magnitude import MagnitudeOptions, method_structure, select_for_method, unit_scores
 
 
 @register_method("somp")
@@ -23,11 +25,12 @@ class SOMP(Method):
     impl = "baseline"
     finetune = True
     description = "structured one-shot magnitude pruning + finetune"
+    Options = MagnitudeOptions     # no profile settings: the finetune block is the runner's
 
     def prune(self, ctx):
-        st = method_structure(ctx, ("head", "ffn"))
-        scores = unit_scores(ctx.model, st, ctx.options.get("norm", "l2"))
-        keep = select_for_method(ctx, st, scores, ctx.ratio.p, ctx.options.get("allocation", "per_type"))
-        ctx.info["options"] = {"unit_kinds": st.kinds(), "allocation": ctx.options.get("allocation", "per_type"),
-                               "norm": ctx.options.get("norm", "l2")}
+        o, _, _ = self.typed_blocks(ctx)
+        st = method_structure(ctx)
+        scores = unit_scores(ctx.model, st, o.norm)
+        keep = select_for_method(ctx, st, scores, ctx.ratio.p, o.allocation)
+        ctx.info["options"] = {"unit_kinds": st.kinds(), "allocation": o.allocation, "norm": o.norm}
         return keep

@@ -33,7 +33,9 @@ Options (card `method_options.upop`):
                      params, for cards with `ratio_basis: total` such as the VTrans tables, where the
                      embeddings count; UPop then removes p x total / prunable of its units' params)
 Profile settings (card `profiles.<p>.upop`): search_epochs, lr (constant), batch_size, weight_decay,
-interval (a number, or a mapping from p to interval with a `default`), w_sp_attn, w_sp_mlp.
+interval (a number, or a mapping from p to interval with a `default`), w_sp_attn, w_sp_mlp; all required but
+weight_decay (0.05): the sparsity weights differ per table and a silent 0 would switch the L1 term off.
+Both blocks are declared below (UPopOptions, UPopSettings).
 
 Ablations, registered separately so tables show them as the paper does:
   upop_unified : the unified ranking without the progressive shrinking: masks stay 1 during the search
@@ -43,15 +45,69 @@ Ablations, registered separately so tables show them as the paper does:
 from __future__ import annotations
 
 import math
+from typing import Annotated, Literal
 
 import torch
+from pydantic import BeforeValidator, Field
 
 from bench.api import Method
 from bench.errors import BenchError
+from bench.options import NonNegFloat, OpenFraction, OptionsModel, PositiveFloat, PositiveInt
 from bench.registry import register_method
 
 ATTN_KINDS = ("head_dim",)
 FFN_KINDS = ("ffn",)
+
+
+class UPopOptions(OptionsModel):
+    """The card's `method_options.upop` block (also upop_unified / upop_uniform): choices of the official code."""
+
+    weights: Literal["exact", "exact_int", "official_36"] = Field(
+        "exact", description="weight of a unit in the ranking: its params (exact), that ratio truncated to an int "
+                             "as the DeiT/Segmenter code computes (exact_int), or 36 per attention unit (official_36, BLIP/CLIP)")
+    threshold_rule: Literal["official", "closest"] = Field(
+        "official", description="official: the unit at the threshold is kept; closest: it is pruned too")
+    importance: Literal["accumulated", "single_step"] = Field(
+        "accumulated", description="mask gradient accumulated since the search began (fp32 code) or of one step (--amp / Segmenter)")
+    update_at_step0: bool = Field(False, description="also update the masks at step 0 (BLIP/CLIP code: true; DeiT/Segmenter: false)")
+    attention_scale: Literal["official", "fixed", "sliced"] | None = Field(
+        None, description="extraction: 1/sqrt(original head_dim) (fixed), 1/sqrt(kept dims) (sliced) or BLIP's "
+                          "official rule; null: the model family's official behaviour")
+    reinit_qkv_bias: bool = Field(False, description="extraction: reproduce the official ViT/DeiT bug that leaves the "
+                                                     "sliced qkv bias at its random init")
+    ratio_basis: Literal["prunable", "total"] = Field(
+        "prunable", description="p is a fraction of the head-dim + FFN params (prunable) or of all the model's params (total)")
+
+
+def _interval_keys(v):
+    """Mapping keys written as text ("0.1", e.g. a config dumped to JSON) are read as the numbers they are."""
+    if not isinstance(v, dict):
+        return v
+    out = {}
+    for k, x in v.items():
+        if isinstance(k, str) and k != "default":
+            try:
+                k = float(k)
+            except ValueError:
+                pass
+        out[k] = x
+    return out
+
+
+Interval = Annotated[PositiveInt | dict[OpenFraction | Literal["default"], PositiveInt], BeforeValidator(_interval_keys)]
+
+
+class UPopSettings(OptionsModel):
+    """A profile's `upop:` block: the search budget and the sparsity weights (no defaults: they are per table)."""
+
+    search_epochs: NonNegFloat = Field(description="epochs of the search (progressive mask updates), constant lr")
+    lr: PositiveFloat = Field(description="constant learning rate of the search")
+    batch_size: PositiveInt = Field(description="batch size of the search")
+    interval: Interval = Field(description="steps between mask updates: a number, or a mapping {p: steps} with an "
+                                           "optional `default` for the ratios it does not list")
+    w_sp_attn: NonNegFloat = Field(description="weight of the L1 term on the attention (head-dim) masks (official --w_sp_attn)")
+    w_sp_mlp: NonNegFloat = Field(description="weight of the L1 term on the FFN masks (official --w_sp_mlp)")
+    weight_decay: NonNegFloat = Field(0.05, description="AdamW weight decay of the search")
 
 
 def progress(t: int, total: int) -> float:
@@ -130,10 +186,13 @@ def uniform_selection(groups, values: dict, p_t: float) -> dict:
 
 
 def interval_for(setting, p: float) -> int:
+    """The mask-update interval for ratio p: the number, or the mapping's entry for p (else its `default`)."""
     if isinstance(setting, dict):
         for k, v in setting.items():
             if k != "default" and abs(float(k) - p) < 1e-9:
                 return int(v)
+        if "default" not in setting:
+            raise BenchError(f"upop interval {setting} has no entry for p = {p} and no `default`")
         return int(setting["default"])
     return int(setting)
 
@@ -145,35 +204,30 @@ class UPop(Method):
     finetune = True       # retrain the extracted subnet with the card's finetune block
     settings_key = "upop"
     description = "unified and progressive search of head-dim and FFN units, then retrain (UPop)"
+    Options = UPopOptions
+    Settings = UPopSettings
     progressive = True
     unified = True
 
     def prune(self, ctx):
-        opts = ctx.options
-        s = ctx.settings.get("method") or {}
-        for k in ("search_epochs", "lr", "batch_size", "interval"):
-            if k not in s:
-                raise BenchError(f"the card's profile has no upop.{k}: UPop needs its search settings "
-                                 "(search_epochs, lr, batch_size, interval, w_sp_attn, w_sp_mlp)")
+        opts, s, _ = self.typed_blocks(ctx)
         st = ctx.adapter.structure(ctx.model, ATTN_KINDS + FFN_KINDS)
         ctx.structure = st
         groups = list(st)
         masks = ctx.adapter.attach_unit_masks(ctx.model, st, ATTN_KINDS + FFN_KINDS)
-        weights = unit_weights(groups, opts.get("weights", "exact"))
-        importance = opts.get("importance", "accumulated")
-        if importance not in ("accumulated", "single_step"):
-            raise BenchError(f"upop importance must be 'accumulated' or 'single_step', got {importance!r}")
+        weights = unit_weights(groups, opts.weights)
+        importance = opts.importance
         p = ctx.ratio.p
-        if opts.get("ratio_basis", "prunable") == "total":
+        if opts.ratio_basis == "total":
             total_params = sum(q.numel() for q in ctx.model.parameters())
             p = p * total_params / sum(g.size * g.params_per_unit for g in groups)
             if not 0 < p < 1:
                 raise BenchError(f"upop: removing {ctx.ratio.p} of all {total_params} params needs {p:.3f} of the "
                                  "head-dim and FFN params; at most < 1 is possible")
-        interval = interval_for(s["interval"], ctx.ratio.p)
-        total = max(1, int(round(s["search_epochs"] * ctx.task.steps_per_epoch(s["batch_size"]))))
-        at_step0 = bool(opts.get("update_at_step0", False))
-        w_attn, w_mlp = float(s.get("w_sp_attn", 0.0)), float(s.get("w_sp_mlp", 0.0))
+        interval = interval_for(s.interval, ctx.ratio.p)
+        total = max(1, int(round(s.search_epochs * ctx.task.steps_per_epoch(s.batch_size))))
+        at_step0 = opts.update_at_step0
+        w_attn, w_mlp = float(s.w_sp_attn), float(s.w_sp_mlp)
         kind_of = {g.name: g.kind for g in groups}
         attn_masks = [m for n, m in masks.items() if kind_of[n] in ATTN_KINDS]
         ffn_masks = [m for n, m in masks.items() if kind_of[n] in FFN_KINDS]
@@ -188,7 +242,7 @@ class UPop(Method):
             grads = {n: (m.grad if m.grad is not None else torch.zeros_like(m)) for n, m in masks.items()}
             values = standardised_importance(groups, grads)
             if self.unified:
-                sel, protected = unified_selection(groups, values, weights, p_t, opts.get("threshold_rule", "official"),
+                sel, protected = unified_selection(groups, values, weights, p_t, opts.threshold_rule,
                                                    return_protected=True)
                 kept_by_rule["weight"] = sum(int(protected[g.name].sum()) * weights[g.name] for g in groups)
             else:
@@ -210,15 +264,17 @@ class UPop(Method):
                 for m in masks.values():
                     m.grad = None
 
-        stats = ctx.train(ctx.model, epochs=s["search_epochs"], lr=s["lr"], min_lr=s["lr"], warmup_epochs=0,
-                          batch_size=s["batch_size"], weight_decay=s.get("weight_decay", 0.05),
+        stats = ctx.train(ctx.model, epochs=s.search_epochs, lr=s.lr, min_lr=s.lr, warmup_epochs=0,
+                          batch_size=s.batch_size, weight_decay=s.weight_decay,
                           on_step=on_step, extra_loss=l1 if (w_attn or w_mlp) else None)
         final = {n: m.detach().cpu() for n, m in masks.items()}
         bad = [n for n, m in final.items() if not bool(((m == 0) | (m == 1)).all())]
         if bad:
             raise BenchError(f"UPop masks are not exactly 0/1 after the last update: {bad[:3]}")
-        ctx.extract_options = {k: opts[k] for k in ("attention_scale", "reinit_qkv_bias") if k in opts}
-        if opts.get("weights", "exact") != "exact":
+        # only what the card chose: unset, the adapter applies its family's official behaviour
+        ctx.extract_options = {k: getattr(opts, k) for k in ("attention_scale", "reinit_qkv_bias")
+                               if getattr(opts, k) not in (None, False)}
+        if opts.weights != "exact":
             # p is a fraction of the weighted units, not of the params (BLIP/CLIP: 36 per attention unit), so
             # the runner checks the ratio in that unit: within one unit of each kind, as for params
             total_w = sum(g.size * weights[g.name] for g in groups)
@@ -227,11 +283,11 @@ class UPop(Method):
             # models, where one attention unit weighs 36 but holds far fewer params, hit this): that weight
             # is short of the target by design, so it widens the tolerance and is recorded
             ctx.info["ratio_check"] = {
-                "unit": f"weighted units ({opts['weights']})", "target": p * total_w, "achieved": removed_w,
+                "unit": f"weighted units ({opts.weights})", "target": p * total_w, "achieved": removed_w,
                 "kept_by_min_one_rule": kept_by_rule["weight"],
                 "tolerance": max(weights.values()) * len({g.kind for g in groups}) + kept_by_rule["weight"]}
         ctx.info.update({"search": {"steps": total, "interval": interval, "updates": len(history),
-                                    "importance": importance, "weights": opts.get("weights", "exact"),
+                                    "importance": importance, "weights": opts.weights,
                                     "train": stats}, "mask_updates": history})
         return {n: m == 1 for n, m in final.items()}
 

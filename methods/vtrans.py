@@ -77,29 +77,100 @@ from __future__ import annotations
 
 import copy
 import time
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, create_model
 from torch import nn
 
 from bench.api import Method
 from bench.errors import BenchError, CellFailure
+from bench.options import Fraction, NonNegFloat, NonNegInt, OptionsModel, PositiveFloat, PositiveInt
 from bench.registry import register_method
 
 MASK_KINDS = ("hidden", "head", "ffn", "layer")
-DEFAULTS = {
-    "unit_kinds": ["hidden", "head", "ffn", "layer"],
-    "mu_init": [1.0, 0.01], "logvar_init": [-9.0, 0.01],
-    "threshold": 0.0, "sharpness": 10.0,
-    "kl_factor": 1e-6, "kl_mult": {"hidden": "tva", "head": 256.0, "ffn": 1.0, "layer": 1.0}, "emb_mult": 30.0,
-    "kl_normalise": False, "noise": "per_token",
-    "constraint": "params", "flops_seq_len": None, "ratio_basis": "total",
-    "distill": "logits+hidden", "alpha_layer": 0.9, "alpha_ce": 0.01, "temperature": 2.0,
-    "task_loss_weight": 1.0, "layer_transform_init": "identity",
-    "train_weights": True, "subset": None, "subset_seed": 0,
-    "exact_budget": True, "weight_finetune": True, "selection": "none", "select_every": 50,
-    "max_grad_norm": 1.0,
-}
+MaskKind = Literal["hidden", "head", "ffn", "layer"]
+KL_MULT = {"hidden": "tva", "head": 256.0, "ffn": 1.0, "layer": 1.0}   # kinds a card's kl_mult leaves out get these
+Pair = Annotated[list[float], Field(min_length=2, max_length=2)]
+
+
+class VTransOptions(OptionsModel):
+    """The card's `method_options.vtrans` block (fast_vtrans / faster_vtrans: the same keys, their own defaults)."""
+
+    unit_kinds: list[MaskKind] = Field(list(MASK_KINDS), min_length=1,
+                                       description="structures with VIB masks (layer: one gate per attention / FFN sublayer)")
+    mu_init: Pair = Field([1.0, 0.01], description="[mean, std] of the initial mask means (VIBNet / TVA-Prune)")
+    logvar_init: Pair = Field([-9.0, 0.01], description="[mean, std] of the initial mask log-variances")
+    threshold: float = Field(0.0, description="keep rule: a unit is kept iff log(sigma^2 / mu^2) < threshold")
+    sharpness: PositiveFloat = Field(10.0, description="k of the soft keep probability sigmoid(-k log alpha) (TVA-Prune)")
+    kl_factor: NonNegFloat = Field(1e-6, description="weight of the KL term (VIBNet / TVA-Prune)")
+    kl_mult: dict[MaskKind, NonNegFloat | Literal["tva"]] = Field(
+        dict(KL_MULT), description="KL multiplier per kind (kinds left out: hidden tva, head 256, ffn 1, layer 1); "
+                                   "tva = emb_mult + 2 x layers")
+    emb_mult: NonNegFloat = Field(30.0, description="emb_mult of the tva hidden multiplier (TVA-Prune argument default)")
+    kl_normalise: bool = Field(False, description="divide each structure's KL by its unit count")
+    noise: Literal["per_token", "per_step"] = Field("per_token", description="one eps per token and unit (TVA-Prune) or per unit and step")
+    constraint: Literal["params", "flops"] = Field("params", description="the budget: the card's ratio of params, or of MACs")
+    flops_seq_len: PositiveInt | None = Field(None, description="constraint flops: tokens per sequence (null: the task's length)")
+    ratio_basis: Literal["total", "prunable"] = Field("total", description="p is a fraction of ALL params (VTrans counts "
+                                                                           "the embeddings) or of the prunable ones")
+    distill: Literal["logits+hidden", "logits", "hidden", "none"] = Field(
+        "logits+hidden", description="distillation from the dense model in phase 1 (CoFi / TVA-Prune: logits+hidden)")
+    alpha_layer: NonNegFloat = Field(0.9, description="weight of the hidden-state distillation (TVA-Prune default)")
+    alpha_ce: NonNegFloat = Field(0.01, description="weight of the logit distillation (TVA-Prune default)")
+    temperature: PositiveFloat = Field(2.0, description="temperature of the logit distillation")
+    task_loss_weight: NonNegFloat = Field(1.0, description="weight of the task loss next to the distillation terms")
+    layer_transform_init: Literal["identity", "default"] = Field(
+        "identity", description="init of the learned hidden-state map W (identity, or torch's default as CoFi)")
+    train_weights: bool = Field(True, description="phase 1 also updates the weights (false: only the masks, Faster-VTrans)")
+    subset: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        None, description="fraction of the training examples phase 1 uses, fixed by subset_seed (null: all)")
+    subset_seed: NonNegInt = Field(0, description="seed of the random subset")
+    exact_budget: bool = Field(True, description="re-rank by log alpha to the exact target (false: the keep rule only)")
+    weight_finetune: bool = Field(True, description="the runner finetunes the extracted model afterwards")
+    selection: Literal["none", "val"] = Field("none", description="none: the final masks; val: the best masks on the "
+                                                                  "task's val split near the target (TVA-Prune)")
+    select_every: PositiveInt = Field(50, description="selection val: steps between evaluations")
+    max_grad_norm: NonNegFloat = Field(1.0, description="gradient clipping norm of phase 1 (0: none)")
+
+
+class FastVTransOptions(VTransOptions):
+    subset: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        0.03, description="fraction of the training examples phase 1 uses, fixed by subset_seed (Fast-VTrans: 3%)")
+
+
+class FasterVTransOptions(VTransOptions):
+    train_weights: bool = Field(False, description="phase 1 also updates the weights (Faster-VTrans: only the masks)")
+    weight_finetune: bool = Field(False, description="the runner finetunes the extracted model afterwards "
+                                                     "(Faster-VTrans: no)")
+
+
+class _Phase1Settings(OptionsModel):
+    epochs: NonNegFloat = Field(description="epochs of phase 1 (mask and weight training)")
+    batch_size: PositiveInt = Field(description="batch size of phase 1")
+    lr: PositiveFloat = Field(2e-5, description="peak lr of the weights (linear decay, no warm-up)")
+    weight_decay: NonNegFloat = Field(0.0, description="AdamW weight decay of the weights")
+    vib_lr: PositiveFloat | None = Field(None, description="lr of the VIB masks (null: 0.05, 0.1 for p > 0.5)")
+    reg_lr: PositiveFloat = Field(0.1, description="lr of the Lagrange multipliers (gradient ascent)")
+    lagrangian_warmup: Fraction | None = Field(
+        None, description="fraction of phase 1 over which the target ramps up from 0 (null: 0.1, 0.2 for p > 0.6)")
+    log_every: NonNegInt = Field(0, description="print the phase-1 loss every N steps (0: quiet)")
+
+
+def _settings_with_overrides(options: type) -> type:
+    """The profile block: phase-1 settings plus every option as an override for that profile only (null: the
+    card's option), e.g. a larger kl_factor on the micro profile."""
+    fields = {}
+    for k, f in options.model_fields.items():
+        ann = Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation
+        fields[k] = (ann | None, Field(None, description=f"override of the option {k} for this profile (null: the "
+                                                         f"card's): {f.description}"))
+    return create_model("VTransSettings", __base__=_Phase1Settings, __module__=__name__,
+                        __doc__="A profile's `vtrans:` (`fast_vtrans:`, `faster_vtrans:`) block.", **fields)
+
+
+VTransSettings = _settings_with_overrides(VTransOptions)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,59 +429,50 @@ class VTrans(Method):
     impl = "reimpl"
     finetune = True
     description = "VIB masks on hidden width, heads, FFN neurons and sublayers, Lagrangian budget, distillation"
-    variant_defaults: dict = {}
-
-    def opt(self, ctx, key):
-        return ctx.options.get(key, self.variant_defaults.get(key, DEFAULTS[key]))
+    Options = VTransOptions
+    Settings = VTransSettings
 
     def prune(self, ctx):
         t_start = time.perf_counter()
-        o = {k: self.opt(ctx, k) for k in DEFAULTS}
-        unknown = set(ctx.options) - set(DEFAULTS)
-        if unknown:
-            raise BenchError(f"{self.name}: unknown option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-        s = dict(ctx.settings.get("method") or {})
-        o.update({k: v for k, v in s.items() if k in DEFAULTS})   # a profile may rescale options (micro)
-        for k in ("epochs", "batch_size"):
-            if k not in s:
-                raise BenchError(f"the card's profile has no {self.settings_key or self.name}.{k}: {self.name} needs "
-                                 "its phase-1 settings (epochs, batch_size, lr, vib_lr, reg_lr, lagrangian_warmup)")
-        self.finetune = bool(o["weight_finetune"])
-        kinds = [k for k in o["unit_kinds"]]
+        opts, s, _ = self.typed_blocks(ctx)
+        # a profile may rescale options (micro): its non-null option keys override the card's for that profile
+        o = opts.model_copy(update={k: getattr(s, k) for k in type(opts).model_fields if getattr(s, k) is not None})
+        self.finetune = bool(o.weight_finetune)
+        kinds = [k for k in o.unit_kinds]
         bad = set(kinds) - set(MASK_KINDS)
         if bad:
             raise BenchError(f"{self.name} masks the unit kinds {MASK_KINDS}, not {sorted(bad)}")
         st = ctx.adapter.structure(ctx.model, kinds)
         ctx.structure = st
         model, task, device, p = ctx.model, ctx.task, ctx.device, float(ctx.ratio.p)
-        sm = SizeModel(model, st, o["ratio_basis"])
-        if o["constraint"] == "flops":
-            n = o["flops_seq_len"] or int(task.dummy_inputs({"vocab_size": 2}, 1, "cpu")[0].shape[-1])
+        sm = SizeModel(model, st, o.ratio_basis)
+        if o.constraint == "flops":
+            n = o.flops_seq_len or int(task.dummy_inputs({"vocab_size": 2}, 1, "cpu")[0].shape[-1])
             budget = FlopsModel(model, st, n)
             sparsity_fn, size_fn = budget.sparsity, budget.macs
             dense_macs = budget.dense()
             target_size = (1 - p) * dense_macs
             achieved_sparsity = lambda a: 1 - a / dense_macs   # noqa: E731
-        elif o["constraint"] == "params":
+        elif o.constraint == "params":
             sparsity_fn, size_fn, target_size = sm.sparsity, sm.size, sm.target_size(p)
             achieved_sparsity = lambda a: (sm.total - a) / sm.denominator()   # noqa: E731
         else:
-            raise BenchError(f"vtrans constraint must be 'params' or 'flops', got {o['constraint']!r}")
+            raise BenchError(f"vtrans constraint must be 'params' or 'flops', got {o.constraint!r}")
 
         gen = torch.Generator().manual_seed(ctx.seed)
-        vib = VIBMasks(st, o["mu_init"], o["logvar_init"], device, gen)
+        vib = VIBMasks(st, o.mu_init, o.logvar_init, device, gen)
         history = self._phase1(ctx, st, vib, o, s, sparsity_fn, p)
 
         # hard pruning: keep rule, then the exact budget by re-ranking log alpha
         with torch.no_grad():
             la = {g.name: log_alpha(vib.m(g.name), vib.lv(g.name)).detach().cpu() for g in st}
-            rule = {g.name: la[g.name] < o["threshold"] for g in st}
+            rule = {g.name: la[g.name] < o.threshold for g in st}
             for g in st:                       # min_keep also under the rule (the extractor needs it)
                 if g.kind != "layer" and int(rule[g.name].sum()) < g.min_keep:
                     rule[g.name][torch.argsort(la[g.name])[: g.min_keep]] = True
             rule_frac = {g.name: float(rule[g.name].float().mean()) for g in st}
             rule_sparsity = float(sparsity_fn(rule_frac))
-            if o["exact_budget"]:
+            if o.exact_budget:
                 keep, achieved = exact_selection(st, la, size_fn, target_size)
             else:
                 keep, achieved = rule, float(size_fn(rule_frac))
@@ -425,11 +487,11 @@ class VTrans(Method):
         model.eval()
         ctx.info.update({
             "compression_s": round(time.perf_counter() - t_start, 3),
-            "variant": self.name, "options": o,
+            "variant": self.name, "options": o.to_dict(),
             "phase1": history,
-            "keep_rule": {"threshold": o["threshold"], "sparsity": round(rule_sparsity, 6),
+            "keep_rule": {"threshold": o.threshold, "sparsity": round(rule_sparsity, 6),
                           "kept_units": {g.name: int(rule[g.name].sum()) for g in st}},
-            "hard": {"constraint": o["constraint"], "target_sparsity": p, "exact_budget": o["exact_budget"],
+            "hard": {"constraint": o.constraint, "target_sparsity": p, "exact_budget": o.exact_budget,
                      "achieved_sparsity": round(achieved_sparsity(achieved), 6),
                      "kept_units": {g.name: int(keep[g.name].sum()) for g in st}},
             "weight_finetune": self.finetune,
@@ -444,7 +506,7 @@ class VTrans(Method):
             if not hasattr(task, hook):
                 raise BenchError(f"{self.name} needs the task's `{hook}` (tasks/glue.py and tasks/lm_perplexity.py "
                                  f"have it); task {task.name} does not")
-        distill = o["distill"]
+        distill = o.distill
         if distill not in ("logits+hidden", "logits", "hidden", "none"):
             raise BenchError(f"vtrans distill must be logits+hidden, logits, hidden or none, got {distill!r}")
         use_logits, use_hidden = "logits" in distill, "hidden" in distill
@@ -453,7 +515,7 @@ class VTrans(Method):
             teacher = copy.deepcopy(model).to(device).eval()
             for prm in teacher.parameters():
                 prm.requires_grad_(False)
-        train_weights = bool(o["train_weights"])
+        train_weights = bool(o.train_weights)
         model.to(device).train()
         for prm in model.parameters():
             prm.requires_grad_(train_weights)
@@ -463,49 +525,49 @@ class VTrans(Method):
             cfg = model.config
             width = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
             transform = nn.Linear(width, width).to(device)
-            if o["layer_transform_init"] == "identity":
+            if o.layer_transform_init == "identity":
                 with torch.no_grad():
                     transform.weight.copy_(torch.eye(width))
                     transform.bias.zero_()
-        subset = o["subset"]
-        bs = int(s["batch_size"])
+        subset = o.subset
+        bs = int(s.batch_size)
         spe = task.steps_per_epoch(bs, subset=subset)
-        total = max(1, int(round(float(s["epochs"]) * spe)))
-        warm_frac = float(s.get("lagrangian_warmup", 0.2 if p > 0.6 else 0.1))
+        total = max(1, int(round(float(s.epochs) * spe)))
+        warm_frac = float(s.lagrangian_warmup if s.lagrangian_warmup is not None else (0.2 if p > 0.6 else 0.1))
         warmup = max(1, int(round(warm_frac * total)))
-        vib_lr = float(s.get("vib_lr", 0.1 if p > 0.5 else 0.05))
-        reg_lr = float(s.get("reg_lr", 0.1))
+        vib_lr = float(s.vib_lr if s.vib_lr is not None else (0.1 if p > 0.5 else 0.05))
+        reg_lr = float(s.reg_lr)
         lam = nn.Parameter(torch.zeros(2, device=device))
         opt_vib = torch.optim.AdamW(list(vib.parameters()), lr=vib_lr, weight_decay=0.0)
         opt_lam = torch.optim.AdamW([lam], lr=reg_lr, weight_decay=0.0, maximize=True)
         w_params = ([q for q in model.parameters()] if train_weights else []) + list(transform.parameters())
-        opt_w = torch.optim.AdamW(w_params, lr=float(s.get("lr", 2e-5)), weight_decay=float(s.get("weight_decay", 0.0))) \
+        opt_w = torch.optim.AdamW(w_params, lr=float(s.lr), weight_decay=float(s.weight_decay)) \
             if w_params else None
-        kl_mult = dict(DEFAULTS["kl_mult"], **(o["kl_mult"] or {}))
+        kl_mult = dict(KL_MULT, **o.kl_mult)
         n_layers = len({g.layer for g in st if g.layer is not None})
         mult = {}
         for g in st:
             m = kl_mult.get(g.kind, 1.0)
-            m = float(o["emb_mult"]) + 2 * n_layers if m == "tva" else float(m)
-            mult[g.name] = m / (g.size if o["kl_normalise"] else 1)
-        batches = task.train_batches(bs, ctx.seed, subset=subset, subset_seed=int(o["subset_seed"])) \
+            m = float(o.emb_mult) + 2 * n_layers if m == "tva" else float(m)
+            mult[g.name] = m / (g.size if o.kl_normalise else 1)
+        batches = task.train_batches(bs, ctx.seed, subset=subset, subset_seed=int(o.subset_seed)) \
             if subset is not None else task.train_batches(bs, ctx.seed)
-        log_every = int(s.get("log_every", 0))
+        log_every = int(s.log_every)
         hist, best = [], None
-        sel = o["selection"]
+        sel = o.selection
         if sel not in ("none", "val"):
             raise BenchError(f"vtrans selection must be 'none' or 'val', got {sel!r}")
         t0 = time.perf_counter()
         es = torch.tensor(0.0)
         for step in range(total):
             frac_lr = 1 - step / total                          # linear decay, no warm-up
-            for opt_, base in ((opt_vib, vib_lr), (opt_w, float(s.get("lr", 2e-5)))):
+            for opt_, base in ((opt_vib, vib_lr), (opt_w, float(s.lr))):
                 if opt_ is not None:
                     for gr in opt_.param_groups:
                         gr["lr"] = base * frac_lr
             batch = next(batches)
             ids = batch["input_ids"]
-            lead = tuple(ids.shape[:2]) if o["noise"] == "per_token" else ()
+            lead = tuple(ids.shape[:2]) if o.noise == "per_token" else ()
             z = {g.name: vib.sample(g.name, lead) for g in st}
             adapter.set_unit_masks(model, st, z)
             out = task.forward(model, batch, device, output_hidden_states=use_hidden) if teacher is not None \
@@ -515,15 +577,15 @@ class VTrans(Method):
             if teacher is not None:
                 with torch.no_grad():
                     t_out = task.forward(teacher, batch, device, output_hidden_states=use_hidden)
-                d, parts = distill_loss(out, t_out, transform, float(o["alpha_ce"]), float(o["alpha_layer"]),
-                                        float(o["temperature"]), use_logits, use_hidden)
+                d, parts = distill_loss(out, t_out, transform, float(o.alpha_ce), float(o.alpha_layer),
+                                        float(o.temperature), use_logits, use_hidden)
                 loss = loss + d
-            if teacher is None or float(o["task_loss_weight"]):
+            if teacher is None or float(o.task_loss_weight):
                 tl = task.loss_from_output(out, batch, device)
-                loss = loss + (float(o["task_loss_weight"]) if teacher is not None else 1.0) * tl
+                loss = loss + (float(o.task_loss_weight) if teacher is not None else 1.0) * tl
                 parts["task"] = float(tl.detach())
-            kl = sum(mult[g.name] * vib_kl(vib.m(g.name), vib.lv(g.name)) for g in st) * float(o["kl_factor"])
-            probs = {g.name: soft_keep(vib.m(g.name), vib.lv(g.name), float(o["sharpness"])) for g in st}
+            kl = sum(mult[g.name] * vib_kl(vib.m(g.name), vib.lv(g.name)) for g in st) * float(o.kl_factor)
+            probs = {g.name: soft_keep(vib.m(g.name), vib.lv(g.name), float(o.sharpness)) for g in st}
             es = sparsity_fn(fractions(probs, st))
             target = p * min(1.0, step / warmup)
             lag = lam[0] * (es - target) + lam[1] * (es - target) ** 2
@@ -534,8 +596,8 @@ class VTrans(Method):
                 if opt_ is not None:
                     opt_.zero_grad(set_to_none=True)
             loss.backward()
-            if o["max_grad_norm"]:
-                torch.nn.utils.clip_grad_norm_(list(vib.parameters()) + w_params, float(o["max_grad_norm"]))
+            if o.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(list(vib.parameters()) + w_params, float(o.max_grad_norm))
             for opt_ in (opt_vib, opt_w, opt_lam):
                 if opt_ is not None:
                     opt_.step()
@@ -545,7 +607,7 @@ class VTrans(Method):
             if (step + 1) % max(1, total // 20) == 0 or step == total - 1:
                 hist.append({"step": step + 1, "expected_sparsity": round(float(es.detach()), 5), "target": round(target, 5),
                              "lambda": [round(v, 5) for v in lam.detach().cpu().tolist()], **{k: round(v, 5) for k, v in parts.items()}})
-            if sel == "val" and step >= warmup and (step + 1) % int(o["select_every"]) == 0 \
+            if sel == "val" and step >= warmup and (step + 1) % int(o.select_every) == 0 \
                     and target - 0.008 <= float(es.detach()) <= target + (0.006 if target > 0.7 else 0.001):
                 score = self._validate(ctx, st, vib, o)
                 if best is None or score > best[0]:
@@ -563,7 +625,7 @@ class VTrans(Method):
         """Hard keep-rule masks with the mean values, evaluated on the task's val split (never the reported one)."""
         task = ctx.task
         with torch.no_grad():
-            vals = {g.name: vib.m(g.name).detach() * keep_rule(vib.m(g.name), vib.lv(g.name), o["threshold"])
+            vals = {g.name: vib.m(g.name).detach() * keep_rule(vib.m(g.name), vib.lv(g.name), o.threshold)
                     for g in st}
         ctx.adapter.set_unit_masks(ctx.model, st, vals)
         res = task.evaluate(ctx.model, "val", ctx.device)
@@ -576,11 +638,11 @@ class VTrans(Method):
 class FastVTrans(VTrans):
     name = "fast_vtrans"
     description = "VTrans on a random 3% of the training data"
-    variant_defaults = {"subset": 0.03}
+    Options = FastVTransOptions
 
 
 @register_method("faster_vtrans")
 class FasterVTrans(VTrans):
     name = "faster_vtrans"
     description = "VTrans training only the VIB masks (weights frozen, no weight finetune)"
-    variant_defaults = {"train_weights": False, "weight_finetune": False}
+    Options = FasterVTransOptions

@@ -31,14 +31,12 @@ shared tensors); `materialise_buffers` (non-persistent buffers of a model rebuil
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from bench.errors import BenchError, MissingData
+from bench.errors import BenchError
 from bench.structure import Slice, UnitGroup
 
 
@@ -277,73 +275,34 @@ def check_kinds(family, kinds, supported):
 # ---------------------------------------------------------------------------------------------
 # checkpoints (transformers key names)
 
-def read_hf_state(path, what: str) -> dict:
+def read_hf_state(path, what: str = "checkpoint") -> dict:
     """A transformers checkpoint: folder (model.safetensors, sharded *.safetensors + index, pytorch_model.bin)
-    or a single .safetensors / .bin / .pt file. Clear errors for missing or unreadable files."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    layout = ("  a transformers checkpoint folder with model.safetensors (or model-0000x-of-0000y.safetensors "
-              "+ model.safetensors.index.json, or pytorch_model.bin), or one such file")
-    if path.is_dir():
-        index = path / "model.safetensors.index.json"
-        if (path / "model.safetensors").is_file():
-            files = [path / "model.safetensors"]
-        elif index.is_file():
-            try:
-                files = [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise BenchError(f"{index} is not a valid safetensors index ({e}); re-download the checkpoint.")
-        elif (path / "pytorch_model.bin").is_file():
-            files = [path / "pytorch_model.bin"]
-        else:
-            raise MissingData(what, path, layout, "Put the checkpoint there or pass --checkpoints DIR.")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise MissingData(what, path, layout, "Put the checkpoint there or pass --checkpoints DIR.")
-    state = {}
-    for f in files:
-        if not f.is_file():
-            raise MissingData(f"{what} shard", f, layout, "The index names a shard that is not there.")
-        try:
-            if f.suffix == ".safetensors":
-                part = load_file(str(f))
-            else:
-                part = torch.load(f, map_location="cpu", weights_only=True)
-                part = part.get("state_dict", part.get("model", part)) if isinstance(part, dict) else part
-        except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as e:
-            raise BenchError(f"cannot read checkpoint file {f} ({type(e).__name__}: {e}). The file is truncated "
-                             "or not a checkpoint: download it again.") from e
-        if not isinstance(part, dict):
-            raise BenchError(f"{f} does not hold a state dict (got {type(part).__name__}).")
-        state.update(part)
-    return state
+    or a single .safetensors / .bin / .pt file; `bench.checkpoints.load_state_dict` (errors name the file)."""
+    from bench.checkpoints import load_state_dict
+    return load_state_dict(path, what)
 
 
-def load_mapped(model, state: dict, rename, allowed_missing=(), what="checkpoint", log=print) -> dict:
-    """Rename keys (rename(key) -> new key or None to drop), load, and report what was left at random init.
-    Only keys starting with one of `allowed_missing` may be missing (e.g. a classifier the base model lacks)."""
+def load_mapped(model, state: dict, rename, allowed_missing=(), what="checkpoint", log=print, arch=None,
+                source=None) -> dict:
+    """Rename keys (rename(key) -> new key or None to drop), check keys and shapes against the model
+    (`bench.checkpoints.check_matches`), load, and report what was left at random init. Only keys starting
+    with one of `allowed_missing` may be missing (e.g. a classifier the base model lacks); a tied copy (GPT-2's
+    lm_head) is the tensor it is tied to, so the checkpoint's copy, if any, is dropped."""
+    from bench.checkpoints import check_matches
+    tied = set(getattr(model, "_bench_tied_keys", ()))
     mapped = {}
     for k, v in state.items():
         nk = rename(k)
-        if nk is not None:
+        if nk is not None and nk not in tied:
             mapped[nk] = v
-    own = model.state_dict()
-    wrong = [k for k in mapped if k in own and tuple(own[k].shape) != tuple(mapped[k].shape)]
-    if wrong:
-        raise BenchError(f"{what}: shapes differ for {wrong[:3]} (checkpoint {[tuple(mapped[k].shape) for k in wrong[:3]]}"
-                         f" vs model {[tuple(own[k].shape) for k in wrong[:3]]}): wrong architecture or config.")
-    missing, unexpected = model.load_state_dict(mapped, strict=False)
-    tied = set(getattr(model, "_bench_tied_keys", ()))
-    missing = [k for k in missing if k not in tied]
-    bad_missing = [k for k in missing if not k.startswith(tuple(allowed_missing))]
-    if bad_missing or unexpected:
-        raise BenchError(f"{what} does not fit the model: missing {bad_missing[:5]}, unexpected {unexpected[:5]}")
+    missing = check_matches(model, mapped, arch or type(model).__name__, source if source is not None else what,
+                            optional=tuple(allowed_missing))
+    model.load_state_dict(mapped, strict=False)
+    # the runner refuses a dense row from such a model unless the profile finetunes it densely first
+    model._bench_left_at_init = sorted({k.rsplit(".", 1)[0] for k in missing})
     if missing:
-        log(f"note: {what} has no {sorted({k.rsplit('.', 1)[0] for k in missing})}: left at random init "
-            "(a base-model checkpoint has no task head; it is trained during fine-tuning)")
+        log(f"note: {what} has no {model._bench_left_at_init}: left at random init (a base-model checkpoint has "
+            "no task head; the profile's dense: recipe trains it on the task before pruning)")
     return {"missing": missing}
 
 
@@ -387,6 +346,9 @@ def retie(model):
             mod.out_features, mod.in_features = mod.weight.shape
 
 
+EXAMPLE_SEQ_LEN = 128   # `bench flops/speed --model`: one 128-token sequence per sample (cards give their own)
+
+
 class LanguageMasks:
     """Mixin for the language adapters: the mask API on top of the family's `mask_sites(model, ffn_at)`.
 
@@ -399,6 +361,12 @@ class LanguageMasks:
     fold_unit_masks(model, structure, values) -> keep: multiply deterministic values (size,) into the weights,
         remove the masks and return keep = value != 0; `extract(model, adapter, structure, keep)` then gives
         the unmasked model that computes what the masked one did."""
+
+    def example_inputs(self, batch_size: int, device) -> tuple:
+        """(input_ids (B, 128),) of a constant valid token id, at most the model's position count."""
+        c = self.config
+        n = min(EXAMPLE_SEQ_LEN, int(c.get("max_position_embeddings") or c.get("n_positions") or EXAMPLE_SEQ_LEN))
+        return (torch.full((batch_size, n), min(5, int(c["vocab_size"]) - 1), dtype=torch.long, device=device),)
 
     def attach_unit_masks(self, model, structure, kinds=("head_dim", "ffn"), ffn_at="pre_act"):
         masks = ones_masks(model, structure, kinds)

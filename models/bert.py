@@ -36,9 +36,8 @@ extracted one exactly). Head pruning never changes the scale.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from bench.api import ModelAdapter
+from bench.checkpoints import load_state_dict
 from bench.registry import register_model_family
 from bench.structure import Slice, Structure, UnitGroup, fill_params_per_unit
 from models import _hf_common as hf
@@ -226,7 +225,7 @@ class BertAdapter(hf.LanguageMasks, ModelAdapter):
         """transformers BERT/RoBERTa checkpoint (folder or file). A base-model checkpoint (bert-base-uncased,
         roberta-base) has no classifier: it stays at random init (noted in the log); its MLM head is ignored."""
         b = self.base
-        state = hf.read_hf_state(Path(path), f"checkpoint for {self.arch}")
+        state = load_state_dict(path, f"checkpoint for {self.arch}")
         body = ("embeddings.", "encoder.", "pooler.")
 
         def rename(k):
@@ -240,4 +239,4 @@ class BertAdapter(hf.LanguageMasks, ModelAdapter):
                 return None                       # RobertaForSequenceClassification has no pooler
             return k
         return hf.load_mapped(model, state, rename, allowed_missing=("classifier.",),
-                              what=f"checkpoint {path}", log=log)
+                              what=f"checkpoint {path}", log=log, arch=self.arch, source=path)

@@ -43,7 +43,6 @@ reported with the masks) confirms the shapes.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +54,8 @@ from transformers.models.blip.modeling_blip_text import (BlipTextAttention, Blip
                                                          BlipTextSelfAttention)
 
 from bench.api import ModelAdapter
-from bench.errors import BenchError, MissingData
+from bench.checkpoints import check_matches, load_state_dict
+from bench.errors import BenchError
 from bench.registry import register_model_family
 from bench.structure import Slice, Structure, UnitGroup, fill_params_per_unit
 
@@ -100,12 +100,20 @@ class PrunableVisionMLP(BlipMLP):
 
 
 class VisionBlock(BlipEncoderLayer):
-    """BlipEncoderLayer (pre-norm ViT block) with the prunable attention and MLP; forward is transformers'."""
+    """BlipEncoderLayer (pre-norm ViT block) with the prunable attention and MLP, and the `drop_path` of BLIP's
+    own ViT block (vit.py: one DropPath on both residual branches; Identity unless the recipe's drop_path sets
+    it through BlipAdapter.set_drop_path). The forward is transformers' with that drop path added."""
 
     def __init__(self, config):
         super().__init__(config)
         self.self_attn = PrunableVisionAttention(config)
         self.mlp = PrunableVisionMLP(config)
+        self.drop_path = nn.Identity()
+
+    def forward(self, hidden_states, **kwargs):
+        h, _ = self.self_attn(hidden_states=self.layer_norm1(hidden_states), **kwargs)
+        hidden_states = hidden_states + self.drop_path(h)
+        return hidden_states + self.drop_path(self.mlp(self.layer_norm2(hidden_states)))
 
 
 class VisionEncoder(nn.Module):
@@ -823,6 +831,19 @@ class BlipAdapter(ModelAdapter):
     # (UPop: they are EMA copies of the un-masked weights).
     MASK_ATTRS = {"head_dim": "dim_mask", "ffn": "neuron_mask"}
 
+    # model-side recipe keys. No no_weight_decay_names: the official BLIP code decays every tensor (the recipe's
+    # weight_decay_groups: all); under no_norm_bias only 1-D tensors and biases are exempt
+    RECIPE_KEYS = frozenset({"drop_path"})
+
+    def set_drop_path(self, model, rate):
+        """BLIP's ViT rule (vit.py: `torch.linspace(0, drop_path_rate, depth)` per block, one timm DropPath on
+        both branches) on `visual_encoder`; the retrieval momentum encoder keeps none (official: created with
+        rate 0)."""
+        from timm.layers import DropPath, calculate_drop_path_rates
+        layers = model.visual_encoder.layers
+        for blk, r in zip(layers, calculate_drop_path_rates(float(rate), len(layers))):
+            blk.drop_path = (DropPath(r) if r > 0 else nn.Identity()).train(blk.training)
+
     # ------------------------------------------------------------------ extraction
     def fix_modules(self, model, structure, keep, options):
         rule = options.get("attention_scale", self.DEFAULT_ATTENTION_SCALE)
@@ -851,19 +872,10 @@ class BlipAdapter(ModelAdapter):
 
     # ------------------------------------------------------------------ checkpoints
     def load_checkpoint(self, model, path):
-        path = Path(path)
-        if not path.is_file():
-            raise MissingData(f"BLIP checkpoint for {self.arch}", path,
-                              "  one of BLIP's released files: model_base_nlvr.pth, model_base_vqa_capfilt_large.pth,\n"
-                              "  model_base_caption_capfilt_large.pth, model_base_retrieval_coco.pth / _flickr.pth",
-                              "Put the official file there or pass --checkpoints DIR.")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-            raise BenchError(f"cannot read checkpoint {path}: {e}. Is the file complete?") from e
-        if isinstance(state, dict) and "model" in state:
-            state = state["model"]
-        load_official_state(model, state, str(path))
+        state = load_state_dict(path, f"BLIP checkpoint for {self.arch}", expected=(
+            "  one of BLIP's released files: model_base_nlvr.pth, model_base_vqa_capfilt_large.pth,\n"
+            "  model_base_caption_capfilt_large.pth, model_base_retrieval_coco.pth / _flickr.pth"))
+        load_official_state(model, state, str(path), arch=self.arch)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -897,29 +909,24 @@ def official_to_ours(key: str) -> str | None:
     return key   # text side, heads, projections, temp and queues keep BLIP's names
 
 
-def load_official_state(model, state: dict, source: str = "checkpoint") -> None:
+def load_official_state(model, state: dict, source: str = "checkpoint", arch: str | None = None) -> None:
     """Load a state dict with BLIP's official key names; every parameter must be filled (buffers such as the
-    retrieval queues are loaded when present). Shape or coverage problems raise a clear BenchError."""
+    retrieval queues are loaded when present). Shape or coverage problems raise a clear BenchError
+    (`bench.checkpoints.check_matches`: keys in our names; a key we cannot place keeps its official name)."""
     ours = model.state_dict()
-    mapped, unused = {}, []
+    mapped, hint = {}, ""
     for k, v in state.items():
         n = official_to_ours(k)
         if n is None:
             continue
         if n not in ours:
-            unused.append(k)
+            mapped[k] = v                     # reported as unexpected, under the file's own name
             continue
         if n.endswith("position_embedding") and v.shape != ours[n].shape:
-            raise BenchError(f"{source}: {k} has shape {tuple(v.shape)}, the model needs {tuple(ours[n].shape)} "
-                             "(another image size: BLIP interpolates the position embedding; use the matching arch)")
-        if v.shape != ours[n].shape:
-            raise BenchError(f"{source}: {k} has shape {tuple(v.shape)}, {n} needs {tuple(ours[n].shape)}")
+            hint = (f" ({k} is {tuple(v.shape)}: another image size; BLIP interpolates the position embedding, "
+                    "use the matching arch)")
         mapped[n] = v
-    params = {n for n, _ in model.named_parameters()}
-    missing = sorted(params - set(mapped))
-    if missing or unused:
-        raise BenchError(f"{source} does not fit {type(model).__name__}: parameters not in the file {missing[:5]} "
-                         f"({len(missing)}), keys of the file we cannot place {unused[:5]} ({len(unused)})")
+    check_matches(model, mapped, arch or type(model).__name__, source, optional_buffers=True, hint=hint)
     model.load_state_dict(mapped, strict=False)
 
 

@@ -29,14 +29,14 @@ from __future__ import annotations
 import copy
 import math
 from collections import OrderedDict
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bench.api import ModelAdapter
-from bench.errors import BenchError, MissingData
+from bench.checkpoints import check_matches, load_state_dict
+from bench.errors import BenchError
 from bench.registry import register_model_family
 from bench.structure import Slice, Structure, UnitGroup, fill_params_per_unit
 
@@ -326,33 +326,11 @@ class ClipAdapter(ModelAdapter):
         return out
 
     def load_checkpoint(self, model, path):
-        path = Path(path)
-        if not path.is_file():
-            raise MissingData(f"checkpoint for {self.arch}", path,
-                              "  an open_clip / OpenAI CLIP ViT-L-14-336 state dict (.pt/.pth/.bin/.safetensors), or "
-                              "UPop's clip_large_retrieval_coco.pth / clip_large_retrieval_flickr.pth",
-                              "Put the file there or pass --checkpoints DIR; nothing is downloaded at run time.")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
-        else:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception:  # noqa: BLE001 - OpenAI's release is a TorchScript archive
-                try:
-                    state = torch.jit.load(str(path), map_location="cpu").state_dict()
-                except Exception as e:  # noqa: BLE001
-                    raise BenchError(f"cannot read checkpoint {path}: {e}. Is the file complete?") from e
-        if isinstance(state, dict):
-            for key in ("model", "state_dict"):
-                if isinstance(state.get(key), dict):
-                    state = state[key]
+        """open_clip / OpenAI CLIP state dict (a TorchScript archive too), or UPop's retrieval .pth; the
+        momentum copy (clip_m.*) is filled from the same weights; missing queues keep their init."""
+        state = load_state_dict(path, f"checkpoint for {self.arch}", expected=(
+            "  an open_clip / OpenAI CLIP ViT-L-14-336 state dict (.pt/.pth/.bin/.safetensors), or "
+            "UPop's clip_large_retrieval_coco.pth / clip_large_retrieval_flickr.pth"))
         state = self.map_checkpoint_keys(state, model.use_momentum)
-        own = model.state_dict()
-        missing = [k for k in own if k not in state and not k.endswith(("_queue", "queue_ptr"))]
-        unexpected = [k for k in state if k not in own]
-        bad = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
-        if missing or unexpected or bad:
-            raise BenchError(f"checkpoint {path} does not fit {self.arch}: missing {missing[:5]}, unexpected "
-                             f"{unexpected[:5]}, wrong shapes {bad[:5]}")
-        model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+        check_matches(model, state, self.arch, path, optional=lambda k: k.endswith(("_queue", "queue_ptr")))
+        model.load_state_dict(state, strict=False)

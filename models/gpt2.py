@@ -28,9 +28,8 @@ what transformers' GPT-2 would compute for a smaller head).
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from bench.api import ModelAdapter
+from bench.checkpoints import load_state_dict
 from bench.errors import BenchError
 from bench.registry import register_model_family
 from bench.structure import Slice, Structure, UnitGroup, fill_params_per_unit
@@ -183,11 +182,12 @@ class Gpt2Adapter(hf.LanguageMasks, ModelAdapter):
     def load_checkpoint(self, model, path, log=print):
         """transformers GPT-2 checkpoint (folder or file). The official `gpt2` files hold GPT2Model keys
         (h.0..., wte, wpe, ln_f) and no lm_head (tied): both layouts are read."""
-        state = hf.read_hf_state(Path(path), f"checkpoint for {self.arch}")
+        state = load_state_dict(path, f"checkpoint for {self.arch}")
 
         def rename(k):
             k = k.removeprefix("module.")
             if k.endswith((".attn.bias", ".attn.masked_bias")):
                 return None                        # causal-mask buffers of old exports
             return k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}"
-        return hf.load_mapped(model, state, rename, what=f"checkpoint {path}", log=log)
+        return hf.load_mapped(model, state, rename, what=f"checkpoint {path}", log=log, arch=self.arch,
+                              source=path)

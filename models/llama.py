@@ -24,9 +24,8 @@ output, which is the same product); layer: a scalar on the sublayer output.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from bench.api import ModelAdapter
+from bench.checkpoints import load_state_dict
 from bench.registry import register_model_family
 from bench.structure import Slice, Structure, UnitGroup, fill_params_per_unit
 from models import _hf_common as hf
@@ -168,11 +167,12 @@ class LlamaAdapter(hf.LanguageMasks, ModelAdapter):
     def load_checkpoint(self, model, path, log=print):
         """Official transformers LLaMA-2 folder (model-0000x-of-00002.safetensors + index, or
         pytorch_model-*.bin via a single file) with transformers' key names."""
-        state = hf.read_hf_state(Path(path), f"checkpoint for {self.arch}")
+        state = load_state_dict(path, f"checkpoint for {self.arch}")
 
         def rename(k):
             k = k.removeprefix("module.")
             if k.endswith("rotary_emb.inv_freq"):
                 return None                       # buffer stored by old exports
             return k if k.startswith(("model.", "lm_head.")) else f"model.{k}"
-        return hf.load_mapped(model, state, rename, what=f"checkpoint {path}", log=log)
+        return hf.load_mapped(model, state, rename, what=f"checkpoint {path}", log=log, arch=self.arch,
+                              source=path)

@@ -40,10 +40,11 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from bench.checkpoints import check_matches, load_state_dict
 from bench.errors import BenchError, MissingData
 from bench.registry import register_model_family
 from bench.structure import Slice, Structure, UnitGroup
-from models.vit import PrunableAttention, PrunableMlp, VitAdapter
+from models.vit import PrunableAttention, PrunableMlp, VitAdapter, set_blocks_drop_path
 
 __all__ = ["Segmenter", "MaskTransformer", "DecoderLinear", "SegmenterAdapter", "official_key_map",
            "map_official_state_dict", "read_variant", "resize_pos_embed"]
@@ -251,28 +252,31 @@ class SegmenterAdapter(VitAdapter):
 
     # attach_unit_masks / fix_modules: VitAdapter's, on the full names (encoder.blocks.i.attn, ...)
 
+    # recipe: drop_path (RECIPE_KEYS inherited) acts on the encoder, as the official drop_path_rate 0.1 does (the
+    # official decoder's rate is 0)
+    def set_drop_path(self, model, rate):
+        set_blocks_drop_path(model.encoder.blocks, rate)
+
+    def no_weight_decay_names(self, model):
+        """The encoder's timm no-decay tensors (encoder.pos_embed, encoder.cls_token). The official Segmenter
+        also exempts decoder.cls_emb; its paper recipe (SGD, weight decay 0) makes no difference."""
+        return {"encoder." + n for n in model.encoder.no_weight_decay()}
+
     # ------------------------------------------------------------------------------------------ checkpoint
     def load_checkpoint(self, model, path):
         """Load the official Segmenter release (`checkpoint.pth` + `variant.yml` in the same folder)."""
         path = Path(path)
-        if not path.is_file():
-            raise MissingData(f"Segmenter checkpoint for {self.arch}", path, CHECKPOINT_LAYOUT,
-                              "Download the official release (rstrudel/segmenter README, `seg_small_mask`) by hand, "
-                              "put both files there, or pass --checkpoints DIR. Nothing is downloaded at run time.")
-        variant_path = path.parent / "variant.yml"
+        how = ("Download the official release (rstrudel/segmenter README, `seg_small_mask`) by hand, put both "
+               "files there, or pass --checkpoints DIR. Nothing is downloaded at run time.")
+        if not path.exists():
+            raise MissingData(f"Segmenter checkpoint for {self.arch}", path, CHECKPOINT_LAYOUT, how)
+        variant_path = (path if path.is_dir() else path.parent) / "variant.yml"
         if not variant_path.is_file():
             raise MissingData(f"variant.yml of the Segmenter checkpoint {path.name}", variant_path, CHECKPOINT_LAYOUT,
                               "The official release ships variant.yml next to checkpoint.pth: copy it there too.")
         check_variant(read_variant(variant_path), self.config, variant_path)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad or foreign file
-            raise BenchError(f"cannot read Segmenter checkpoint {path}: {e}. Is the file complete?") from e
-        if isinstance(state, dict) and "model" in state:
-            state = state["model"]
-        if not isinstance(state, dict):
-            raise BenchError(f"{path}: expected a dict with a 'model' state dict, got {type(state).__name__}")
-        mapped = map_official_state_dict(state, model, source=str(path))
+        state = load_state_dict(path, f"Segmenter checkpoint for {self.arch}", expected=CHECKPOINT_LAYOUT)
+        mapped = map_official_state_dict(state, model, source=str(path), arch=self.arch)
         model.load_state_dict(mapped, strict=True)
 
 
@@ -316,39 +320,33 @@ def official_key_map(key: str):
     return None
 
 
-def map_official_state_dict(state: dict, model: nn.Module, source: str = "checkpoint") -> dict:
-    """Rename an official Segmenter state dict to this model's keys and check it fits: a clear BenchError
-    names the missing, unexpected and wrongly shaped tensors. A position embedding trained for another patch
-    grid is resized bilinearly (Segmenter's `checkpoint_filter_fn`)."""
+def map_official_state_dict(state: dict, model: nn.Module, source: str = "checkpoint",
+                            arch: str = "Segmenter") -> dict:
+    """Rename an official Segmenter state dict to this model's keys and check it fits
+    (`bench.checkpoints.check_matches`: a clear BenchError names the missing, unexpected (under the file's
+    own names) and wrongly shaped tensors). A position embedding trained for another patch grid is resized
+    bilinearly (Segmenter's `checkpoint_filter_fn`)."""
     own = model.state_dict()
     out, unexpected = {}, []
     for k, v in state.items():
         name = official_key_map(k)
         if name is None or name not in own:
             unexpected.append(k)
+            out[k] = v                            # reported as unexpected, under the file's own name
         else:
             out[name] = v
-    missing = sorted(set(own) - set(out))
-    if missing or unexpected:
-        hint = ""
-        if any("dist_token" in k or "head_dist" in k for k in unexpected):
-            hint = " (a distilled DeiT backbone: only the ViT backbones of the release are supported)"
-        elif any(k.endswith(".alpha") for k in unexpected):
-            hint = " (UPop search masks `alpha`: load the official Segmenter release, not a UPop search state)"
-        raise BenchError(f"{source} does not fit the Segmenter architecture{hint}: "
-                         f"{len(missing)} missing keys {missing[:6]}{' ...' if len(missing) > 6 else ''}, "
-                         f"{len(unexpected)} unexpected keys {sorted(unexpected)[:6]}"
-                         f"{' ...' if len(unexpected) > 6 else ''}")
+    hint = ""
+    if any("dist_token" in k or "head_dist" in k for k in unexpected):
+        hint = " (a distilled DeiT backbone: only the ViT backbones of the release are supported)"
+    elif any(k.endswith(".alpha") for k in unexpected):
+        hint = " (UPop search masks `alpha`: load the official Segmenter release, not a UPop search state)"
     pos = out.get("encoder.pos_embed")
     if pos is not None and pos.shape != own["encoder.pos_embed"].shape and pos.shape[-1] == own["encoder.pos_embed"].shape[-1]:
         n_old = pos.shape[1] - 1
         g_old = int(math.isqrt(n_old))
         if g_old * g_old == n_old:
             out["encoder.pos_embed"] = resize_pos_embed(pos, (g_old, g_old), model.grid)
-    bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in out.items() if tuple(v.shape) != tuple(own[k].shape)]
-    if bad:
-        raise BenchError(f"{source}: {len(bad)} tensors have other shapes than the architecture, e.g. "
-                         + ", ".join(f"{k} {a} vs {b}" for k, a, b in bad[:4]))
+    check_matches(model, out, arch, source, hint=hint)
     return out
 
 

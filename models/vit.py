@@ -13,16 +13,14 @@ Unit kinds: `head_dim` (UPop's shared head-dim units), `head` (whole heads), `ff
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
 from timm.layers.attention import Attention
 from timm.models.vision_transformer import VisionTransformer
 
 from bench.api import ModelAdapter
-from bench.errors import BenchError, MissingData
+from bench.checkpoints import check_matches, load_state_dict
+from bench.errors import BenchError
 from bench.registry import register_model_family
 from bench.structure import Slice, Structure, UnitGroup, fill_params_per_unit
 
@@ -68,6 +66,19 @@ class PrunableMlp(Mlp):
             x = x * self.neuron_mask
         x = self.drop1(self.act(x))
         return self.drop2(self.fc2(self.norm(x)))
+
+
+def set_blocks_drop_path(blocks, rate: float) -> list[float]:
+    """Set timm `Block`s' `drop_path1` / `drop_path2` as timm's VisionTransformer builds them for
+    drop_path_rate=rate: block i gets `torch.linspace(0, rate, depth)[i]` (timm.layers.calculate_drop_path_rates),
+    a `timm.layers.DropPath` where that is above 0, `nn.Identity` otherwise. Returns the per-block rates."""
+    from timm.layers import DropPath, calculate_drop_path_rates
+    from torch import nn
+    dpr = calculate_drop_path_rates(float(rate), len(blocks))
+    for blk, r in zip(blocks, dpr):
+        blk.drop_path1 = (DropPath(r) if r > 0 else nn.Identity()).train(blk.training)
+        blk.drop_path2 = (DropPath(r) if r > 0 else nn.Identity()).train(blk.training)
+    return dpr
 
 
 def _deit(embed_dim, num_heads, img_size=224, patch_size=16, depth=12, num_classes=1000, **kw):
@@ -141,6 +152,14 @@ class VitAdapter(ModelAdapter):
     # attn.head_mask; ffn -> mlp.neuron_mask
     MASK_ATTRS = {"head_dim": "dim_mask", "head": "head_mask", "ffn": "neuron_mask"}
 
+    # model-side recipe keys: drop_path (set_drop_path). no_weight_decay_names: the default, timm's own
+    # VisionTransformer.no_weight_decay() (pos_embed, cls_token, reg_token, dist_token)
+    RECIPE_KEYS = frozenset({"drop_path"})
+
+    def set_drop_path(self, model, rate):
+        """Stochastic depth on both residual branches of every block, timm's per-block rule."""
+        set_blocks_drop_path(model.blocks, rate)
+
     def fix_modules(self, model, structure, keep, options):
         for g in structure:
             if g.kind not in ("head_dim", "head"):
@@ -166,21 +185,8 @@ class VitAdapter(ModelAdapter):
                 model.get_submodule(g.module).neuron_mask = None
 
     def load_checkpoint(self, model, path):
-        path = Path(path)
-        if not path.is_file():
-            raise MissingData(f"checkpoint for {self.arch}", path,
-                              "  a timm/DeiT .pth file (e.g. deit_small_patch16_224-cd65a155.pth) or .safetensors",
-                              "Put the official file there or pass --checkpoints DIR.")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
-        else:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-                raise BenchError(f"cannot read checkpoint {path}: {e}. Is the file complete?") from e
-        state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise BenchError(f"checkpoint {path} does not fit {self.arch}: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+        """A timm/DeiT release (.pth, bare or under "model") or .safetensors, with timm's key names."""
+        state = load_state_dict(path, f"checkpoint for {self.arch}", expected=(
+            "  a timm/DeiT .pth file (e.g. deit_small_patch16_224-cd65a155.pth) or .safetensors"))
+        check_matches(model, state, self.arch, path)
+        model.load_state_dict(state, strict=True)

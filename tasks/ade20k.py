@@ -42,14 +42,19 @@ import os
 import random
 from pathlib import Path
 
+from typing import Literal
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from bench.api import TaskAdapter
 from bench.errors import BenchError, MissingData
+from bench.options import Fraction, NonNegInt, OptionsModel, PositiveFloat, PositiveInt
 from bench.registry import register_task
+from tasks.common.files import load_image, scan_images
 from tasks.micro_data import generate_atomically, micro_folder
 
 IGNORE_INDEX = 255
@@ -70,13 +75,37 @@ LAYOUT = """\
 NORMALIZATION = {"vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
                  "deit": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
 
-PAPER_DEFAULTS = dict(num_classes=150, image_size=512, crop_size=512, max_ratio=4, ratio_range=(0.5, 2.0),
-                      cat_max_ratio=0.75, ms_ratios=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75), ms_flip=True,
-                      normalization="vit", workers=8, eval_batch_size=8)
-MICRO_DEFAULTS = {"num_classes": 8, "train_images": 256, "val_images": 40, "height": 64, "width": 96, "seed": 1234}
-MICRO_TASK_DEFAULTS = dict(image_size=64, crop_size=64, max_ratio=4, ratio_range=(0.5, 2.0), cat_max_ratio=None,
-                           ms_ratios=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75), ms_flip=True, normalization="vit",
-                           eval_batch_size=128)
+# the defaults that differ between the profiles (a null in the data block); the others are ADE20KData's
+PAPER_DEFAULTS = dict(num_classes=150, image_size=512, crop_size=512, cat_max_ratio=0.75, eval_batch_size=8)
+MICRO_TASK_DEFAULTS = dict(num_classes=8, image_size=64, crop_size=64, cat_max_ratio=None, eval_batch_size=128)
+MICRO_KEYS = ("num_classes", "train_images", "val_images", "height", "width", "seed")   # generator settings
+
+
+class ADE20KData(OptionsModel):
+    """A profile's `data:` block for ade20k: Segmenter's pipeline and the micro generator."""
+
+    num_classes: PositiveInt | None = Field(None, description="classes (null: 8 micro, the generator's; 150 paper)")
+    image_size: PositiveInt | None = Field(None, description="short side of the resize scale (max_ratio x it, it) "
+                                                             "(null: 64 micro, 512 paper)")
+    crop_size: PositiveInt | None = Field(None, description="training crop (null: 64 micro, 512 paper)")
+    max_ratio: PositiveInt = Field(4, description="long side of the resize scale over its short side (2048 / 512)")
+    ratio_range: list[PositiveFloat] = Field([0.5, 2.0], min_length=2, max_length=2,
+                                             description="random resize range of the training scale")
+    cat_max_ratio: Fraction | None = Field(None, description="paper: redraw a crop where one class covers more than "
+                                                             "this (1: off; null: 0.75 paper, off micro)")
+    ms_ratios: list[PositiveFloat] = Field([0.5, 0.75, 1.0, 1.25, 1.5, 1.75], min_length=1,
+                                           description="scales of the multi-scale evaluation (miou_ms)")
+    ms_flip: bool = Field(True, description="the multi-scale evaluation adds the flipped images")
+    normalization: Literal["vit", "deit"] = Field("vit", description="Segmenter's normalisation statistics (vit: mean = std = 0.5)")
+    workers: NonNegInt = Field(8, description="paper: DataLoader worker processes")
+    eval_batch_size: PositiveInt | None = Field(None, description="sliding windows per forward (null: 128 micro, 8 paper)")
+    window_size: PositiveInt | None = Field(None, description="sliding-window evaluation window (null: crop_size)")
+    window_stride: PositiveInt | None = Field(None, description="its stride (null: window - 32 paper, 15/16 window micro)")
+    train_images: PositiveInt = Field(256, description="micro: training images the generator writes")
+    val_images: PositiveInt = Field(40, description="micro: validation images")
+    height: PositiveInt = Field(64, description="micro: image height")
+    width: PositiveInt = Field(96, description="micro: image width")
+    seed: NonNegInt = Field(1234, description="micro: generator seed")
 
 # ----------------------------------------------------------------------------------------------------
 # micro generator
@@ -273,16 +302,12 @@ def reduce_zero_label(ann: np.ndarray) -> np.ndarray:
 
 
 def read_image(path: Path) -> np.ndarray:
-    from PIL import Image
-    with Image.open(path) as im:
-        return np.array(im.convert("RGB"))
+    return np.array(load_image(path, "RGB"))      # a decode error names the file
 
 
 def read_label(path: Path) -> np.ndarray:
     """Annotation PNG -> uint8 labels 0..n-1, 255 = ignore."""
-    from PIL import Image
-    with Image.open(path) as im:
-        a = np.asarray(im)
+    a = np.asarray(load_image(path, None))        # class indices as stored (mode L / P); errors name the file
     if a.ndim != 2:
         raise BenchError(f"{path}: an ADE20K annotation is a single-channel PNG of class indices, got shape {a.shape}")
     return reduce_zero_label(a)
@@ -615,6 +640,7 @@ class ADE20KTask(TaskAdapter):
     name = "ade20k"
     metrics = {"miou": True, "miou_ms": True, "pixel_acc": True}
     layout = LAYOUT
+    Data = ADE20KData
 
     def __init__(self, settings, data_root, profile, cache_dir):
         super().__init__(settings, data_root, profile, cache_dir)
@@ -625,12 +651,17 @@ class ADE20KTask(TaskAdapter):
     # ---------------------------------------------------------------- settings and paths
     @property
     def micro_settings(self) -> dict:
-        return {k: int(self.settings.get(k, v)) for k, v in MICRO_DEFAULTS.items()}
+        s = {k: getattr(self.settings, k) for k in MICRO_KEYS}
+        if s["num_classes"] is None:
+            s["num_classes"] = MICRO_TASK_DEFAULTS["num_classes"]
+        return s
 
     def opt(self, key):
-        defaults = PAPER_DEFAULTS if self.profile == "paper" else {**MICRO_TASK_DEFAULTS,
-                                                                     "num_classes": self.micro_settings["num_classes"]}
-        return self.settings.get(key, defaults.get(key))
+        """A data setting; where the block leaves it null, the profile's default."""
+        v = getattr(self.settings, key)
+        if v is not None:
+            return v
+        return (PAPER_DEFAULTS if self.profile == "paper" else MICRO_TASK_DEFAULTS).get(key)
 
     @property
     def num_classes(self) -> int:
@@ -650,9 +681,9 @@ class ADE20KTask(TaskAdapter):
     def window(self) -> tuple[int, int]:
         """(window, stride) of the sliding-window evaluation: Segmenter's window = crop and stride = crop - 32
         (512 / 480) on the paper profile; on the micro profile the same proportion, stride = 15/16 window."""
-        ws = int(self.settings.get("window_size", self.crop_size))
+        ws = self.settings.window_size if self.settings.window_size is not None else self.crop_size
         default = ws - 32 if self.profile == "paper" else max(1, round(ws * 15 / 16))
-        return ws, int(self.settings.get("window_stride", default))
+        return ws, self.settings.window_stride if self.settings.window_stride is not None else default
 
     @property
     def base(self) -> Path:
@@ -675,6 +706,11 @@ class ADE20KTask(TaskAdapter):
             raise MissingData("ADE20K data set", self.root, LAYOUT, _HOW)
         for split in ("training", "validation"):
             self._pairs[split] = list_pairs(self.root, split)
+        if self.profile == "paper":        # real data: a truncated image or annotation fails here, naming itself
+            import hashlib
+            tag = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:16]
+            scan_images([p for pairs in self._pairs.values() for pair in pairs for p in pair], "the ADE20K images and annotations",
+                        stamp=self.cache_dir / "scans" / f"ade20k-{tag}.txt")
         self._prepared = True
 
     def _prepare_micro(self) -> None:
@@ -714,7 +750,7 @@ class ADE20KTask(TaskAdapter):
         """Optimizer steps in one epoch of `train_batches(batch_size, ...)` (last partial batch dropped)."""
         return max(1, self.train_size // int(batch_size))
 
-    def train_batches(self, batch_size: int, seed: int):
+    def train_batches(self, batch_size: int, seed: int, recipe=None):
         """Endless iterator of (images float (B, 3, crop, crop) normalised, labels long (B, crop, crop), 255 =
         ignore) on the CPU; each epoch has `steps_per_epoch(batch_size)` batches."""
         self.prepare()
@@ -748,7 +784,7 @@ class ADE20KTask(TaskAdapter):
             yield from loader
             ds.epoch += 1
 
-    def loss(self, model: nn.Module, batch, device) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch, device, recipe=None) -> torch.Tensor:
         """Pixel cross-entropy, ignore index 255 (Segmenter's criterion)."""
         images, labels = batch
         images = images.to(device, non_blocking=True)
@@ -818,7 +854,7 @@ class ADE20KTask(TaskAdapter):
 
     def fingerprint(self) -> dict:
         fp = {"task": self.name, "profile": self.profile, "layout_version": LAYOUT_VERSION,
-              "settings": json.loads(json.dumps(self.settings, sort_keys=True, default=str))}
+              "settings": self.settings.to_dict()}
         if self.profile == "micro":
             fp.update(generator="tasks.ade20k.generate_micro", generator_version=GENERATOR_VERSION,
                       scene=json.loads(json.dumps(MICRO_SCENE)), **self.micro_settings)

@@ -22,14 +22,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from bench.errors import BenchError
 from bench.measure import eval_mode
+from bench.options import PositiveInt
 from bench.registry import register_task
-from tasks.retrieval import CocoRetrievalTask, check_fields, normalise, read_json
+from tasks.retrieval import CocoRetrievalTask, RetrievalData, check_fields, normalise, read_json
 
 PROMPT = "a picture of "
+
+
+class CaptionData(RetrievalData):
+    """A profile's `data:` block for caption_coco: retrieval_coco's keys (the same data) and the generation."""
+
+    prompt: str = Field(PROMPT, description="text the captions start with in training and generation (BLIP)")
+    num_beams: PositiveInt = Field(3, description="beams of the beam search")
+    max_length: PositiveInt = Field(20, description="most tokens of a generated caption")
+    min_length: PositiveInt = Field(5, description="fewest tokens of a generated caption")
+    spice: bool = Field(True, description="score SPICE too when Stanford CoreNLP is there (else reported missing)")
 
 
 def spice_status() -> str | None:
@@ -91,11 +103,12 @@ class CaptionTask(CocoRetrievalTask):
 
     name = "caption_coco"
     metrics = {"CIDEr": True, "Bleu_4": True, "METEOR": True, "ROUGE_L": True, "SPICE": True}
+    Data = CaptionData
 
     @property
     def root(self) -> Path:
         if self.profile == "paper":
-            return Path(self.settings.get("root") or self.data_root / "coco")
+            return Path(self.settings.root or self.data_root / "coco")
         from tasks.micro_data import micro_folder
         from tasks.retrieval import GENERATOR_VERSION
         return micro_folder(self.cache_dir, "caption_coco", {**self.micro, "generator": GENERATOR_VERSION,
@@ -103,7 +116,7 @@ class CaptionTask(CocoRetrievalTask):
 
     @property
     def prompt(self) -> str:
-        return self.settings.get("prompt", PROMPT)
+        return self.settings.prompt
 
     def prompt_len(self) -> int:
         """Tokens of the prompt incl. [CLS] (BLIP: len(tokenizer(prompt).input_ids) - 1, i.e. without [SEP])."""
@@ -122,7 +135,7 @@ class CaptionTask(CocoRetrievalTask):
             refs.setdefault(a["image_id"], []).append(a["caption"])
         return refs
 
-    def train_batches(self, batch_size: int, seed: int):
+    def train_batches(self, batch_size: int, seed: int, recipe=None):
         """(images, input_ids, attention_mask) of prompt + caption; the model masks the prompt's labels."""
         for x, _ids, _mask, _idx in super().train_batches(batch_size, seed):
             yield x, _ids, _mask
@@ -134,7 +147,7 @@ class CaptionTask(CocoRetrievalTask):
         # prompt + caption, as BLIP's coco_karpathy_train
         self._data.train_pairs = [(img, self.prompt + cap, idx) for img, cap, idx in self._data.train_pairs]
 
-    def loss(self, model: nn.Module, batch, device) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch, device, recipe=None) -> torch.Tensor:
         x, ids, mask = (t.to(device) for t in batch)
         return model.caption_loss(x, ids, mask, self.prompt_len())
 
@@ -151,9 +164,9 @@ class CaptionTask(CocoRetrievalTask):
             rels = d["images"][i:i + batch_size]
             x = normalise(self._store.batch(rels)).to(device)
             out = model.generate_captions(x, prompt_ids.expand(len(rels), -1),
-                                          max_length=int(self.settings.get("max_length", 20)),
-                                          min_length=int(self.settings.get("min_length", 5)),
-                                          num_beams=int(self.settings.get("num_beams", 3)))
+                                          max_length=self.settings.max_length,
+                                          min_length=self.settings.min_length,
+                                          num_beams=self.settings.num_beams)
             for rel, ids in zip(rels, out):
                 res[image_id_of(rel)] = [tok.decode(ids)]
         return res
@@ -162,7 +175,7 @@ class CaptionTask(CocoRetrievalTask):
         with eval_mode(model):
             res = self.generate(model, split, torch.device(device))
         refs = self.references(split)
-        out = caption_metrics(refs, res, spice=bool(self.settings.get("spice", True)))
+        out = caption_metrics(refs, res, spice=self.settings.spice)
         out["n"] = len(res)
         out["examples"] = {str(k): v[0] for k, v in list(res.items())[:3]}
         return out

@@ -21,6 +21,13 @@ Profiles
   pickle layout (5 training batches + test_batch + batches.meta) with the synthetic scenes of the micro
   ImageNet generator (class = shape x colour family). Read by the same torchvision reader with the md5
   checks of the official files switched off (they cannot match synthetic data).
+
+Training recipe (bench.recipe, data side): hflip (the flip probability, default 0.5); auto_augment and
+color_jitter (timm's RandAugment / AutoAugment / AugMix and ColorJitter, per image after the crop and flip, as
+timm's `transforms_imagenet_train` secondary stage); reprob / remode / recount (timm RandomErasing on the
+normalised batch); mixup, cutmix, cutmix_minmax, mixup_prob / switch_prob / mode (timm Mixup, soft targets);
+label_smoothing. Not crop_scale: the CIFAR crop is the padded random crop (data.crop_padding), not a random
+resized crop.
 """
 from __future__ import annotations
 
@@ -33,9 +40,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pydantic import Field
+
 from bench.api import TaskAdapter
 from bench.errors import BenchError, MissingData
+from bench.options import NonNegInt, OptionsModel, PositiveInt
+from bench.recipe import TASK_RECIPE_KEYS
 from bench.registry import register_task
+from tasks.augment import PrivateRNG, classification_loss, mixup_for
 from tasks.micro_data import generate_atomically, micro_folder
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -55,6 +67,20 @@ LAYOUT = f"""\
   (the extracted cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html)"""
 
 MICRO_DEFAULTS = {"train_per_class": 200, "test_per_class": 50, "holdout_per_class": 20, "seed": 4321}
+
+
+class Cifar10Data(OptionsModel):
+    """The `data:` block of the cifar10 task. Augmentation and mixup are training-recipe keys, not data keys."""
+
+    train_per_class: PositiveInt = Field(MICRO_DEFAULTS["train_per_class"], description="micro: training images per class")
+    test_per_class: PositiveInt = Field(MICRO_DEFAULTS["test_per_class"], description="micro: test images per class")
+    holdout_per_class: NonNegInt = Field(MICRO_DEFAULTS["holdout_per_class"],
+                                         description="micro: training images per class held out as the val split")
+    seed: NonNegInt = Field(MICRO_DEFAULTS["seed"], description="micro: generator seed")
+    holdout: NonNegInt = Field(DEFAULT_HOLDOUT, description="paper: the last N training images, held out as the "
+                                                            "val split (5000: the second half of data_batch_5)")
+    image_size: PositiveInt = Field(32, description="model input side; images are resized (bilinear) when not 32")
+    crop_padding: NonNegInt = Field(4, description="training random crop: zero padding on each side (CIFAR: 4)")
 
 
 def _write_pickle(path: Path, obj) -> None:
@@ -121,6 +147,8 @@ class Cifar10Task(TaskAdapter):
     name = "cifar10"
     metrics = {"top1": True}
     layout = LAYOUT
+    Data = Cifar10Data
+    RECIPE_KEYS = frozenset(TASK_RECIPE_KEYS) - {"crop_scale"}
 
     def __init__(self, settings, data_root, profile, cache_dir):
         super().__init__(settings, data_root, profile, cache_dir)
@@ -128,17 +156,17 @@ class Cifar10Task(TaskAdapter):
 
     @property
     def micro_settings(self) -> dict:
-        return {k: int(self.settings.get(k, v)) for k, v in MICRO_DEFAULTS.items()}
+        return {k: int(getattr(self.settings, k)) for k in MICRO_DEFAULTS}
 
     @property
     def holdout(self) -> int:
         if self.profile == "micro":
             return 10 * self.micro_settings["holdout_per_class"]
-        return int(self.settings.get("holdout", DEFAULT_HOLDOUT))
+        return self.settings.holdout
 
     @property
     def image_size(self) -> int:
-        return int(self.settings.get("image_size", 32))
+        return self.settings.image_size
 
     @property
     def root(self) -> Path:
@@ -202,13 +230,40 @@ class Cifar10Task(TaskAdapter):
         std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
         return (x - mean) / std
 
-    def train_batches(self, batch_size: int, seed: int):
-        """Endless (images (B,3,S,S) normalised, labels) with random crop (pad 4) + flip, reshuffled per epoch."""
+    def secondary_transform(self, recipe=None):
+        """The recipe's per-image colour stage (PIL -> PIL) or None: timm `transforms_imagenet_train`'s
+        secondary transforms (auto_augment, else color_jitter) at CIFAR's 32 px and mean."""
+        if recipe is None or not (recipe.auto_augment or recipe.color_jitter):
+            return None
+        from timm.data.transforms_factory import transforms_imagenet_train
+        _, secondary, _ = transforms_imagenet_train(32, auto_augment=recipe.auto_augment,
+                                                    color_jitter=recipe.color_jitter or None,
+                                                    interpolation="bicubic", mean=CIFAR10_MEAN, std=CIFAR10_STD,
+                                                    separate=True)
+        return secondary
+
+    def train_batches(self, batch_size: int, seed: int, recipe=None):
+        """Endless (images (B,3,S,S) normalised, labels) with random crop (pad 4) + flip, reshuffled per epoch;
+        then the recipe's auto_augment / color_jitter per image, random erasing and mixup/cutmix (labels become
+        soft targets (B, 10)), on generators seeded with `seed`."""
         x, y = self.split("train")
         n = x.shape[0]
         bs = min(int(batch_size), n)
         g = torch.Generator().manual_seed(int(seed))
-        pad = int(self.settings.get("crop_padding", 4))
+        hflip = recipe.hflip if recipe is not None and recipe.hflip is not None else 0.5
+        secondary = self.secondary_transform(recipe)
+        erase = None
+        if recipe is not None and recipe.reprob > 0:
+            from timm.data.random_erasing import RandomErasing
+            erase = RandomErasing(recipe.reprob, mode=recipe.remode, max_count=recipe.recount, device="cpu")
+        mix = mixup_for(recipe, len(CLASSES), bs)
+        return self._batches(x, y, n, bs, g, self.settings.crop_padding, hflip, secondary, erase, mix,
+                             PrivateRNG(int(seed)))
+
+    def _batches(self, x, y, n, bs, g, pad, hflip, secondary, erase, mix, rng):
+        import contextlib
+        if secondary is None and erase is None and mix is None:
+            rng = contextlib.nullcontext()          # the plain batches draw only from g
         while True:
             perm = torch.randperm(n, generator=g)
             for i in range(0, n - bs + 1, bs):
@@ -217,17 +272,28 @@ class Cifar10Task(TaskAdapter):
                 H = x.shape[-1]
                 ox = torch.randint(0, 2 * pad + 1, (bs,), generator=g)
                 oy = torch.randint(0, 2 * pad + 1, (bs,), generator=g)
-                flip = torch.rand(bs, generator=g) < 0.5
+                flip = torch.rand(bs, generator=g) < hflip
                 out = torch.empty_like(x[idx])
                 for j in range(bs):
                     crop = xb[j, :, oy[j]:oy[j] + H, ox[j]:ox[j] + H]
                     out[j] = crop.flip(-1) if flip[j] else crop
-                yield self._to_input(out), y[idx]
+                labels = y[idx]
+                with rng:
+                    if secondary is not None:
+                        from PIL import Image
+                        out = torch.stack([torch.from_numpy(np.asarray(secondary(Image.fromarray(
+                            a.permute(1, 2, 0).numpy())), dtype=np.uint8).copy()).permute(2, 0, 1) for a in out])
+                    imgs = self._to_input(out)
+                    if erase is not None:
+                        imgs = erase(imgs)
+                    if mix is not None:
+                        imgs, labels = mix(imgs, labels)
+                yield imgs, labels
 
-    def loss(self, model: nn.Module, batch, device) -> torch.Tensor:
-        images, labels = batch
-        return F.cross_entropy(model(images.to(device)), labels.to(device),
-                               label_smoothing=float(self.settings.get("label_smoothing", 0.0)))
+    def loss(self, model: nn.Module, batch, device, recipe=None) -> torch.Tensor:
+        """Cross-entropy with the recipe's label smoothing; soft (mixup) targets: timm SoftTargetCrossEntropy."""
+        images, targets = batch
+        return classification_loss(model(images.to(device)), targets.to(device), recipe)
 
     def evaluate(self, model: nn.Module, split: str = "test", device="cpu") -> dict:
         """{"top1": %, "n": images} on `split` (test: the reported metric; val: for selection)."""

@@ -59,12 +59,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from bench.api import TaskAdapter
 from bench.errors import BenchError, MissingData
 from bench.measure import eval_mode
+from bench.options import NonNegInt, OptionsModel, PositiveInt
 from bench.registry import register_task
+from tasks.common.tokenizers import check_vocab
 from tasks.micro_data import generate_atomically, micro_folder
 
 LAYOUT_VERSION = 1
@@ -182,8 +185,12 @@ class WordTokenizer:
 
 
 def _read_tsv(path: Path) -> list:
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        return list(csv.reader(f, delimiter="\t", quotechar=None, quoting=csv.QUOTE_NONE))
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return list(csv.reader(f, delimiter="\t", quotechar=None, quoting=csv.QUOTE_NONE))
+    except UnicodeDecodeError as e:
+        raise BenchError(f"{path} is not UTF-8 text ({e.reason}: byte 0x{e.object[e.start]:02x}): the GLUE "
+                         "files are UTF-8; download the task's data again.") from e
 
 
 def _by_header(rows, path, cols, label_col, skip_bad=False):
@@ -439,8 +446,23 @@ def generate_micro(root, task: str, dev_files, train_size: int, dev_size: int, s
 # the task adapter
 
 
+class GlueData(OptionsModel):
+    """A profile's `data:` block for the GLUE tasks (one block for all the tasks of a card)."""
+
+    train_size: PositiveInt = Field(2000, description="micro: training examples the generator writes")
+    dev_size: PositiveInt = Field(400, description="micro: examples of every dev file the generator writes")
+    seed: NonNegInt = Field(2024, description="micro: generator seed")
+    max_len: PositiveInt | None = Field(None, description="tokens per sequence or pair, longest first truncated "
+                                                          "(null: 32 micro, 128 paper)")
+    tokenizer: str | None = Field(None, description="paper: local folder with the model's tokenizer (relative: "
+                                                    "under data_root); required there")
+    holdout: NonNegInt = Field(0, description="the last N training examples become the `val` split (selection)")
+
+
 class GlueTask(TaskAdapter):
     """One GLUE task. Subclasses set the folder, files, columns, labels and metrics."""
+
+    Data = GlueData
 
     folder = ""            # GLUE folder name, e.g. "SST-2"
     hf_config = ""         # datasets config name, e.g. "sst2"
@@ -455,7 +477,7 @@ class GlueTask(TaskAdapter):
     skip_bad_lines = False
     model_config_overrides = {"num_labels": 2}   # what the classifier head needs (the card may override)
 
-    MICRO_DEFAULTS = {"train_size": 2000, "dev_size": 400, "seed": 2024}
+    MICRO_KEYS = ("train_size", "dev_size", "seed")   # the micro generator's settings (GlueData)
 
     def __init__(self, settings, data_root, profile, cache_dir):
         super().__init__(settings, data_root, profile, cache_dir)
@@ -472,11 +494,12 @@ class GlueTask(TaskAdapter):
 
     @property
     def max_len(self) -> int:
-        return int(self.settings.get("max_len", 32 if self.profile == "micro" else 128))
+        v = self.settings.max_len
+        return v if v is not None else (32 if self.profile == "micro" else 128)
 
     @property
     def micro_settings(self) -> dict:
-        return {k: int(self.settings.get(k, v)) for k, v in self.MICRO_DEFAULTS.items()}
+        return {k: getattr(self.settings, k) for k in self.MICRO_KEYS}
 
     @property
     def root(self) -> Path:
@@ -495,7 +518,7 @@ class GlueTask(TaskAdapter):
         if self.profile == "micro":
             self._tok = WordTokenizer()
             return self._tok
-        name = self.settings.get("tokenizer")
+        name = self.settings.tokenizer
         if not name:
             raise BenchError(f"{self.name}: the paper profile needs `data.tokenizer`: a local folder with the "
                              "model's tokenizer files (bert-base-uncased: vocab.txt; roberta-base: vocab.json + "
@@ -512,7 +535,14 @@ class GlueTask(TaskAdapter):
             self._tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except Exception as e:  # noqa: BLE001 - any failure means an incomplete folder
             raise BenchError(f"cannot load a tokenizer from {path}: {e}")
+        self._tok_path = path
         return self._tok
+
+    def check_model(self, model) -> None:
+        """Paper: the tokenizer's ids must fit the model's input embedding (BenchError naming both sizes)."""
+        if self.profile == "paper":
+            tok = self.tokenizer()
+            check_vocab(tok, model, getattr(self, "_tok_path", "(tokenizer)"), f"{self.name} tokenizer")
 
     # ---------------------------------------------------------------- reading
     def prepare(self) -> None:
@@ -523,7 +553,7 @@ class GlueTask(TaskAdapter):
             generate_atomically(self.root, lambda tmp: generate_micro(tmp, self.folder, self.dev_files,
                                                                       s["train_size"], s["dev_size"], s["seed"]))
         raw = self._read_raw()
-        holdout = int(self.settings.get("holdout", 0))
+        holdout = self.settings.holdout
         if not 0 <= holdout < len(raw["train"]):
             raise BenchError(f"{self.name}: holdout {holdout} must be in [0, {len(raw['train'])})")
         if holdout:
@@ -641,7 +671,8 @@ class GlueTask(TaskAdapter):
         return {"input_ids": input_ids, "attention_mask": att, "token_type_ids": tt,
                 "labels": data["labels"][torch.as_tensor(list(idx), dtype=torch.long)]}
 
-    def train_batches(self, batch_size: int, seed: int, subset: float | None = None, subset_seed: int = 0):
+    def train_batches(self, batch_size: int, seed: int, subset: float | None = None, subset_seed: int = 0,
+                      recipe=None):
         """Endless shuffled batches of the train split. `subset`: a fixed uniformly random fraction of the
         training examples (Fast-VTrans's 3 %), drawn with `subset_seed`."""
         data = self.split("train")
@@ -676,7 +707,7 @@ class GlueTask(TaskAdapter):
             return F.mse_loss(logits.view(-1).float(), labels.float())
         return F.cross_entropy(logits.float(), labels)
 
-    def loss(self, model: nn.Module, batch, device) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch, device, recipe=None) -> torch.Tensor:
         return self.loss_from_output(self.forward(model, batch, device), batch, device)
 
     @torch.no_grad()
@@ -712,12 +743,12 @@ class GlueTask(TaskAdapter):
 
     def fingerprint(self) -> dict:
         fp = {"task": self.name, "profile": self.profile, "layout_version": LAYOUT_VERSION,
-              "max_len": self.max_len, "holdout": int(self.settings.get("holdout", 0))}
+              "max_len": self.max_len, "holdout": self.settings.holdout}
         if self.profile == "micro":
             fp.update(generator="tasks.glue.generate_micro", generator_version=GENERATOR_VERSION,
                       vocab_size=MICRO_VOCAB_SIZE, **self.micro_settings)
         else:
-            fp.update(root=str(self.task_dir.resolve()), tokenizer=str(self.settings.get("tokenizer")))
+            fp.update(root=str(self.task_dir.resolve()), tokenizer=str(self.settings.tokenizer))
         return fp
 
 

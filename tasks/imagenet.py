@@ -15,7 +15,14 @@ Profiles
 - micro: `<cache_dir>/data/imagenet_micro-<hash>`, generated on first use by `generate_micro` in exactly
   the same layout (real JPEG files): synthetic 32x32 scenes whose class is (shape, colour family), with
   random pose, size, clutter, distractors, noise and colour jitter. The splits are decoded once into
-  uint8 tensors; training augmentation (random resized crop + flip) runs on the whole batch with torch ops.
+  uint8 tensors; training augmentation (random resized crop + flip) runs on the whole batch with torch ops,
+  or, when the recipe sets auto_augment / color_jitter / reprob, the paper profile's timm transform per image.
+
+Training recipe (bench.recipe, data side; every key of TASK_RECIPE_KEYS): crop_scale and hflip set the random
+resized crop and the flip (defaults: scale (0.6, 1) on micro, timm's (0.08, 1) on paper; flip 0.5);
+auto_augment, color_jitter (none: off), reprob / remode / recount go to timm `create_transform`; mixup,
+cutmix, cutmix_minmax, mixup_prob / switch_prob / mode to timm `Mixup` (soft targets, SoftTargetCrossEntropy);
+label_smoothing to the cross-entropy (or to Mixup's soft targets).
 """
 from __future__ import annotations
 
@@ -30,9 +37,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from typing import Annotated
+
+from pydantic import Field
+
 from bench.api import TaskAdapter
 from bench.errors import BenchError, MissingData
+from bench.options import NonNegInt, OptionsModel, PositiveInt
+from bench.recipe import TASK_RECIPE_KEYS
 from bench.registry import register_task
+from tasks.augment import PrivateRNG, classification_loss, mixup_for
+from tasks.common.files import load_image, scan_images
 from tasks.micro_data import generate_atomically, micro_folder
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -52,6 +67,29 @@ LAYOUT = """\
 
 MICRO_DEFAULTS = {"num_classes": 10, "train_per_class": 160, "val_per_class": 40, "image_size": 32, "seed": 1234}
 MICRO_KEYS = tuple(MICRO_DEFAULTS)
+MICRO_TRAIN_SCALE = (0.6, 1.0)   # random-resized-crop area range of the micro profile (recipe: crop_scale)
+PAPER_IMAGE_SIZE = 224
+DEFAULT_WORKERS = 8              # the DeiT / timm training scripts' --num_workers / -j default
+
+
+class ImageNetData(OptionsModel):
+    """The `data:` block of the imagenet task. micro: the generated stand-in's settings; paper: how to read
+    the real data set. Augmentation and mixup are training-recipe keys, not data keys."""
+
+    num_classes: PositiveInt = Field(MICRO_DEFAULTS["num_classes"],
+                                     description="micro: classes of the generated set (shape x colour family)")
+    train_per_class: PositiveInt = Field(MICRO_DEFAULTS["train_per_class"], description="micro: training images per class")
+    val_per_class: PositiveInt = Field(MICRO_DEFAULTS["val_per_class"], description="micro: validation images per class")
+    image_size: Annotated[int, Field(ge=8)] | None = Field(
+        None, description="input side S in pixels (none: 32 on micro, the generated size; 224 on paper)")
+    seed: NonNegInt = Field(MICRO_DEFAULTS["seed"], description="micro: generator seed (same settings, same files)")
+    crop_pct: Annotated[float, Field(gt=0, le=1)] = Field(
+        DEFAULT_CROP_PCT, description="eval transform: Resize(S / crop_pct) + CenterCrop(S) (DeiT: 0.875)")
+    workers: NonNegInt = Field(DEFAULT_WORKERS, description="paper: DataLoader worker processes for training and "
+                                                            "evaluation (default 8, as the DeiT/timm scripts; 0: "
+                                                            "load in the main process)")
+    root: str | None = Field(None, description="folder: the folder holding train/ and val/ (any ImageFolder; "
+                                               "~ expanded, relative: under --data-root); none: <data-root>/imagenet")
 
 # Object shapes, in the order classes use them: 10 classes = 2 shapes (ring, triangle) x 5 colour families;
 # more classes bring in more shapes (up to 5), then more colour families.
@@ -293,6 +331,8 @@ class ImageNetTask(TaskAdapter):
     name = "imagenet"
     metrics = {"top1": True, "top5": True}
     layout = LAYOUT
+    Data = ImageNetData
+    RECIPE_KEYS = frozenset(TASK_RECIPE_KEYS)
 
     def __init__(self, settings, data_root, profile, cache_dir):
         super().__init__(settings, data_root, profile, cache_dir)
@@ -301,23 +341,24 @@ class ImageNetTask(TaskAdapter):
         self._mem: dict = {}          # micro: decoded splits {"train": (uint8 images, labels), ...}
         self._eval_cache: dict = {}   # micro: eval-transformed float tensors per split
         self._train_size: int | None = None
-        self._mixup = None
 
     # ---------------------------------------------------------------- settings and paths
     @property
     def micro_settings(self) -> dict:
-        s = {k: self.settings.get(k, v) for k, v in MICRO_DEFAULTS.items()}
-        return {k: int(v) for k, v in s.items()}
+        s = {k: getattr(self.settings, k) for k in MICRO_DEFAULTS}
+        return {k: int(MICRO_DEFAULTS[k] if v is None else v) for k, v in s.items()}
 
     @property
     def image_size(self) -> int:
         if self.profile == "micro":
             return self.micro_settings["image_size"]
-        return int(self.settings.get("image_size", 224))
+        return self.settings.image_size or PAPER_IMAGE_SIZE
 
     @property
     def root(self) -> Path:
         if self.profile == "paper":
+            if self.settings.root:
+                return self.data_root / Path(self.settings.root).expanduser()   # an absolute root replaces data_root
             return self.data_root / "imagenet"
         return micro_folder(self.cache_dir, "imagenet",
                             {**self.micro_settings, "generator": GENERATOR_VERSION, "scene": MICRO_SCENE})
@@ -377,12 +418,26 @@ class ImageNetTask(TaskAdapter):
                 f"only in train: {sorted(tr - va)[:5]}, only in val: {sorted(va - tr)[:5]}). The class index is "
                 f"the sorted wnid order, so both splits must have the same class folders.")
         self._classes = classes["train"]
+        if self.profile == "paper":
+            self._scan_images()
+
+    def _scan_images(self) -> None:
+        """Real data: every image of both splits opens and is complete (tasks.common.files.scan_images: the
+        header and the last bytes), so a truncated file fails here, before any training, naming itself. A
+        successful scan is remembered under the cache for the same files, sizes and times."""
+        import hashlib
+        paths = []
+        for split in ("train", "val"):
+            d = self.root / split
+            paths += [d / c / f for c, files in list_classes(d, full=True).items() for f in files]
+        tag = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:16]
+        scan_images(paths, "the ImageNet images", stamp=self.cache_dir / "scans" / f"imagenet-{tag}.txt")
 
     # ---------------------------------------------------------------- transforms
     def eval_transform(self):
         from torchvision import transforms as T
         S = self.image_size
-        crop_pct = float(self.settings.get("crop_pct", DEFAULT_CROP_PCT))
+        crop_pct = self.settings.crop_pct
         return T.Compose([
             T.Resize(int(S / crop_pct), interpolation=T.InterpolationMode.BICUBIC),
             T.CenterCrop(S),
@@ -390,19 +445,42 @@ class ImageNetTask(TaskAdapter):
             T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
         ])
 
-    def train_transform(self):
-        """Per-image train transform (PIL -> tensor). The micro profile applies the same augmentation
-        batch-wise on in-memory tensors (`random_resized_crop_flip`); this is its per-image equivalent."""
+    @staticmethod
+    def per_image_augmentation(recipe) -> bool:
+        """Does the recipe need timm's per-image transform (RandAugment, colour jitter, random erasing)? The
+        micro profile then runs it instead of its batch-wise crop + flip."""
+        return recipe is not None and bool(recipe.auto_augment or recipe.color_jitter or recipe.reprob > 0)
+
+    def _crop_scale(self, recipe):
+        if recipe is not None and recipe.crop_scale is not None:
+            return tuple(recipe.crop_scale)
+        return MICRO_TRAIN_SCALE if self.profile == "micro" else None      # None: timm's (0.08, 1.0)
+
+    @staticmethod
+    def _hflip(recipe) -> float:
+        return recipe.hflip if recipe is not None and recipe.hflip is not None else 0.5
+
+    def train_transform(self, recipe=None):
+        """Per-image train transform (PIL -> normalised tensor) for the recipe's augmentation keys: timm
+        `create_transform(is_training=True)` (random resized crop at crop_scale, flip at hflip, auto_augment,
+        color_jitter (none: off), random erasing reprob/remode/recount, bicubic) on paper, and on micro when
+        `per_image_augmentation(recipe)`. Otherwise, on micro, the per-image equivalent of the batch-wise
+        `random_resized_crop_flip` the micro batches use."""
         S = self.image_size
-        if self.profile == "paper":
+        if self.profile == "paper" or self.per_image_augmentation(recipe):
             from timm.data import create_transform
-            return create_transform(S, is_training=True, auto_augment=self.settings.get("auto_augment"),
-                                    re_prob=self.settings.get("reprob", 0.0), interpolation="bicubic")
+            r = recipe
+            return create_transform(S, is_training=True, scale=self._crop_scale(r), hflip=self._hflip(r),
+                                    color_jitter=(r.color_jitter or None) if r is not None else None,
+                                    auto_augment=r.auto_augment if r is not None else None,
+                                    re_prob=r.reprob if r is not None else 0.0,
+                                    re_mode=r.remode if r is not None else "pixel",
+                                    re_count=r.recount if r is not None else 1,
+                                    interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
         from torchvision import transforms as T
         return T.Compose([
-            T.RandomResizedCrop(S, scale=tuple(self.settings.get("train_scale", (0.6, 1.0))),
-                                interpolation=T.InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(),
+            T.RandomResizedCrop(S, scale=self._crop_scale(recipe), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(self._hflip(recipe)),
             T.ToTensor(),
             T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
         ])
@@ -451,69 +529,85 @@ class ImageNetTask(TaskAdapter):
 
     def _image_folder(self, split: str, transform=None):
         from torchvision.datasets import ImageFolder
-        ds = ImageFolder(str(self.root / split), transform=transform)
+        ds = ImageFolder(str(self.root / split), transform=transform, loader=load_image)   # errors name the file
         if ds.classes != self.classes:
             raise BenchError(f"ImageNet {split} classes changed on disk under {self.root}")
         return ds
 
-    def train_batches(self, batch_size: int, seed: int):
+    def train_batches(self, batch_size: int, seed: int, recipe=None):
         """Endless iterator of (images float (B, 3, S, S) normalised, labels long (B,)) on the CPU, reshuffled
-        every epoch by a torch Generator seeded with `seed`; each epoch has `steps_per_epoch(batch_size)` batches."""
+        every epoch by a torch Generator seeded with `seed`; each epoch has `steps_per_epoch(batch_size)` batches.
+        With the recipe's mixup/cutmix the labels are timm Mixup's soft targets (B, num_classes) instead. The
+        per-image transforms and Mixup draw from generators seeded with `seed` too (`tasks.augment.PrivateRNG`)."""
         self.prepare()
         if self.profile == "micro":
-            return self._micro_train_batches(int(batch_size), int(seed))
-        return self._paper_train_batches(int(batch_size), int(seed))
+            return self._micro_train_batches(int(batch_size), int(seed), recipe)
+        return self._paper_train_batches(int(batch_size), int(seed), recipe)
 
-    def _micro_train_batches(self, batch_size, seed):
+    def _micro_train_batches(self, batch_size, seed, recipe=None):
         x, y = self._micro_split("train")
         n = x.shape[0]
         g = torch.Generator().manual_seed(seed)
         S = self.image_size
-        scale = tuple(self.settings.get("train_scale", (0.6, 1.0)))
+        scale, hflip = self._crop_scale(recipe), self._hflip(recipe)
         bs = min(batch_size, n)
+        mix = mixup_for(recipe, self.num_classes, bs)
+        tf = self.train_transform(recipe) if self.per_image_augmentation(recipe) else None
+        rng = PrivateRNG(seed)
+        return self._micro_batches(x, y, n, bs, g, S, scale, hflip, tf, mix, rng)
+
+    @staticmethod
+    def _micro_batches(x, y, n, bs, g, S, scale, hflip, tf, mix, rng):
         while True:
             perm = torch.randperm(n, generator=g)
             for i in range(0, n - bs + 1, bs):
                 idx = perm[i:i + bs]
-                imgs = random_resized_crop_flip(x[idx], S, g, scale=scale)
-                yield _normalize(imgs), y[idx]
+                if tf is None:
+                    imgs = _normalize(random_resized_crop_flip(x[idx], S, g, scale=scale, hflip=hflip))
+                else:
+                    from PIL import Image
+                    with rng:
+                        imgs = torch.stack([tf(Image.fromarray(a.permute(1, 2, 0).numpy())) for a in x[idx]])
+                labels = y[idx]
+                if mix is not None:
+                    with rng:
+                        imgs, labels = mix(imgs, labels)
+                yield imgs, labels
 
-    def _paper_train_batches(self, batch_size, seed):
+    def _paper_train_batches(self, batch_size, seed, recipe=None):
         from torch.utils.data import DataLoader
-        ds = self._image_folder("train", transform=self.train_transform())
-        workers = int(self.settings.get("workers", 8))
+        ds = self._image_folder("train", transform=self.train_transform(recipe))
+        workers = self.settings.workers
         g = torch.Generator().manual_seed(seed)
-        loader = DataLoader(ds, batch_size=batch_size, shuffle=True, generator=g, drop_last=len(ds) >= batch_size,
+        drop_last = len(ds) >= batch_size
+        loader = DataLoader(ds, batch_size=batch_size, shuffle=True, generator=g, drop_last=drop_last,
                             num_workers=workers, pin_memory=torch.cuda.is_available(),
                             persistent_workers=workers > 0)
+        mix = mixup_for(recipe, self.num_classes, batch_size if drop_last else len(ds))
+        return self._paper_batches(loader, mix, PrivateRNG(seed))
+
+    @staticmethod
+    def _paper_batches(loader, mix, rng):
         while True:
-            yield from loader
+            with rng:                  # workers=0: the transforms run here, on the seeded generators
+                it = iter(loader)
+            while True:
+                with rng:
+                    batch = next(it, None)
+                    if batch is not None and mix is not None:
+                        batch = mix(*batch)
+                if batch is None:
+                    break
+                yield batch
 
     # ---------------------------------------------------------------- loss
-    def _mixup_fn(self):
-        s = self.settings
-        mixup, cutmix = float(s.get("mixup", 0) or 0), float(s.get("cutmix", 0) or 0)
-        if mixup <= 0 and cutmix <= 0 and s.get("cutmix_minmax") is None:
-            return None
-        if self._mixup is None:
-            from timm.data import Mixup
-            self._mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, cutmix_minmax=s.get("cutmix_minmax"),
-                                prob=float(s.get("mixup_prob", 1.0)), switch_prob=float(s.get("mixup_switch_prob", 0.5)),
-                                mode=s.get("mixup_mode", "batch"), label_smoothing=float(s.get("label_smoothing", 0.0)),
-                                num_classes=self.num_classes)
-        return self._mixup
-
-    def loss(self, model: nn.Module, batch, device) -> torch.Tensor:
-        """Cross-entropy (label smoothing from settings); with mixup/cutmix settings: timm Mixup + soft-target CE."""
-        images, labels = batch
+    def loss(self, model: nn.Module, batch, device, recipe=None) -> torch.Tensor:
+        """Cross-entropy with the recipe's label smoothing; soft targets (the batches' mixup/cutmix) get timm's
+        SoftTargetCrossEntropy."""
+        images, targets = batch
         images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        mix = self._mixup_fn()
-        if mix is not None and images.shape[0] % 2 == 0:
-            from timm.loss import SoftTargetCrossEntropy
-            images, targets = mix(images, labels)
-            return SoftTargetCrossEntropy()(model(images), targets)
-        return F.cross_entropy(model(images), labels, label_smoothing=float(self.settings.get("label_smoothing", 0.0)))
+        targets = targets.to(device, non_blocking=True)
+        return classification_loss(model(images), targets, recipe)
 
     # ---------------------------------------------------------------- evaluation
     def _eval_batches(self, split: str):
@@ -530,7 +624,7 @@ class ImageNetTask(TaskAdapter):
         else:
             from torch.utils.data import DataLoader
             ds = self._image_folder(split, transform=self.eval_transform())
-            workers = int(self.settings.get("workers", 8))
+            workers = self.settings.workers
             yield from DataLoader(ds, batch_size=EVAL_BATCH_SIZE, shuffle=False, num_workers=workers,
                                   pin_memory=torch.cuda.is_available())
 
@@ -566,6 +660,25 @@ class ImageNetTask(TaskAdapter):
         return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "n": n}
 
     # ---------------------------------------------------------------- measuring and caching
+    def check_model(self, model: nn.Module) -> None:
+        """Before any training: one image of the task's size goes through the model (on the meta device when the
+        model is there, else in eval mode without grad) and its outputs must cover the task's classes."""
+        size = self.image_size
+        ref = next(model.parameters())
+        x = torch.zeros(1, 3, size, size, device=ref.device, dtype=ref.dtype)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model(x)
+        except Exception as e:  # noqa: BLE001 - any failure here is a shape mismatch the user can fix
+            raise BenchError(f"imagenet: a {size}x{size} image does not fit the model ({' '.join(str(e).split())[:160]}); set data.image_size to the model's input size, or model_config.img_size to {size}") from None
+        finally:
+            model.train(was_training)
+        if out.shape[-1] < self.num_classes:
+            raise BenchError(f"imagenet: the data has {self.num_classes} classes but the model has {out.shape[-1]} outputs; "
+                             f"set model_config.num_classes: {self.num_classes} in the profile")
+
     def dummy_inputs(self, model_config: dict, batch_size: int, device) -> tuple:
         return self.image_inputs(model_config, batch_size, device, self.image_size)
 

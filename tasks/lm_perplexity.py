@@ -36,15 +36,20 @@ import json
 import math
 from pathlib import Path
 
+from typing import Literal
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from bench.api import TaskAdapter
 from bench.errors import BenchError, MissingData
 from bench.measure import eval_mode
+from bench.options import NonNegInt, OptionsModel, PositiveInt
 from bench.registry import register_task
+from tasks.common.tokenizers import check_vocab
 from tasks.micro_data import generate_atomically, micro_folder
 
 LAYOUT_VERSION = 1
@@ -168,8 +173,12 @@ def join_rows(lines) -> str:
 
 def raw_rows(path: Path) -> list:
     """Rows of a wiki.*.raw file as the `datasets` wikitext loader yields them (empty lines -> "")."""
-    with open(path, encoding="utf-8") as f:
-        return [line if line.strip() else "" for line in f]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line if line.strip() else "" for line in f]
+    except UnicodeDecodeError as e:
+        raise BenchError(f"{path} is not UTF-8 text ({e.reason}: byte 0x{e.object[e.start]:02x}): the "
+                         "wikitext-2-raw-v1 files are UTF-8; download them again.") from e
 
 
 def windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -215,6 +224,25 @@ def perplexity(model: nn.Module, wins: torch.Tensor, device, batch_size: int = 1
 # ------------------------------------------------------------------------------------------------
 
 
+class WikiText2Data(OptionsModel):
+    """A profile's `data:` block for wikitext2_ppl: the perplexity protocol and the training windows."""
+
+    preset: Literal["gptq", "wanda", "llm_pruner"] | None = Field(
+        None, description="window length of a published protocol: gptq 2048, wanda 4096, llm_pruner 128")
+    seq_len: PositiveInt | None = Field(None, description="evaluation window in tokens, overrides the preset "
+                                                          "(null: the preset's, else 64 micro, 2048 paper)")
+    train_seq_len: PositiveInt | None = Field(None, description="training / calibration window in tokens (null: seq_len)")
+    calib_samples: PositiveInt | Literal["all"] = Field(
+        "all", description="all: every non-overlapping training window; N: N windows at random starts (GPTQ's sampler)")
+    calib_seed: NonNegInt = Field(0, description="seed of the random calibration windows")
+    eval_batch_size: PositiveInt | None = Field(None, description="windows per evaluation forward (null: 8 micro, 1 paper)")
+    tokenizer: str | None = Field(None, description="paper: local folder with the model's tokenizer (relative: "
+                                                    "under data_root); required there")
+    train_tokens: PositiveInt = Field(60000, description="micro: tokens of the generated training split")
+    eval_tokens: PositiveInt = Field(8000, description="micro: tokens of the generated valid and test splits")
+    seed: NonNegInt = Field(11, description="micro: generator seed")
+
+
 @register_task("wikitext2_ppl")
 class WikiText2Perplexity(TaskAdapter):
     """WikiText-2 raw perplexity with non-overlapping windows (see the module docstring)."""
@@ -222,7 +250,8 @@ class WikiText2Perplexity(TaskAdapter):
     name = "wikitext2_ppl"
     metrics = {"ppl": False, "nll": False}
     layout = LAYOUT
-    MICRO_DEFAULTS = {"train_tokens": 60000, "eval_tokens": 8000, "seed": 11}
+    Data = WikiText2Data
+    MICRO_KEYS = ("train_tokens", "eval_tokens", "seed")   # the micro generator's settings
 
     def __init__(self, settings, data_root, profile, cache_dir):
         super().__init__(settings, data_root, profile, cache_dir)
@@ -233,9 +262,9 @@ class WikiText2Perplexity(TaskAdapter):
     # ---------------------------------------------------------------- protocol settings
     @property
     def seq_len(self) -> int:
-        if "seq_len" in self.settings:
-            return int(self.settings["seq_len"])
-        preset = self.settings.get("preset")
+        if self.settings.seq_len is not None:
+            return self.settings.seq_len
+        preset = self.settings.preset
         if preset is not None:
             if preset not in PRESETS:
                 raise BenchError(f"wikitext2_ppl preset {preset!r} is not one of {sorted(PRESETS)}")
@@ -244,11 +273,12 @@ class WikiText2Perplexity(TaskAdapter):
 
     @property
     def train_seq_len(self) -> int:
-        return int(self.settings.get("train_seq_len", self.seq_len))
+        v = self.settings.train_seq_len
+        return v if v is not None else self.seq_len
 
     @property
     def micro_settings(self) -> dict:
-        return {k: int(self.settings.get(k, v)) for k, v in self.MICRO_DEFAULTS.items()}
+        return {k: getattr(self.settings, k) for k in self.MICRO_KEYS}
 
     @property
     def root(self) -> Path:
@@ -262,7 +292,7 @@ class WikiText2Perplexity(TaskAdapter):
         if self.profile == "micro":
             self._tok = WordTokenizer()
             return self._tok
-        name = self.settings.get("tokenizer")
+        name = self.settings.tokenizer
         if not name:
             raise BenchError("wikitext2_ppl: the paper profile needs `data.tokenizer`, a local folder with the "
                              "model's tokenizer (e.g. LLaMA-2's tokenizer.model + tokenizer_config.json, or GPT-2's "
@@ -277,8 +307,15 @@ class WikiText2Perplexity(TaskAdapter):
             hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except Exception as e:  # noqa: BLE001
             raise BenchError(f"cannot load a tokenizer from {path}: {e}")
+        self._hf_tok, self._tok_path = hf, path
         self._tok = lambda text: hf(text, return_tensors="pt").input_ids.view(-1).tolist()
         return self._tok
+
+    def check_model(self, model) -> None:
+        """Paper: the tokenizer's ids must fit the model's input embedding (BenchError naming both sizes)."""
+        if self.profile == "paper":
+            self.tokenizer()
+            check_vocab(self._hf_tok, model, self._tok_path, "wikitext2_ppl tokenizer")
 
     # ---------------------------------------------------------------- data
     def _rows(self, split: str) -> list:
@@ -319,10 +356,10 @@ class WikiText2Perplexity(TaskAdapter):
 
     def train_windows(self) -> torch.Tensor:
         if self._train is None:
-            n = self.settings.get("calib_samples")
+            n = self.settings.calib_samples
             ids = self.ids("train")
-            self._train = (windows(ids, self.train_seq_len) if n in (None, "all")
-                           else random_windows(ids, self.train_seq_len, int(n), int(self.settings.get("calib_seed", 0))))
+            self._train = (windows(ids, self.train_seq_len) if n == "all"
+                           else random_windows(ids, self.train_seq_len, n, self.settings.calib_seed))
         return self._train
 
     @property
@@ -336,7 +373,8 @@ class WikiText2Perplexity(TaskAdapter):
         n = self.train_size if subset is None else self.subset_size(subset)
         return max(1, n // int(batch_size))
 
-    def train_batches(self, batch_size: int, seed: int, subset: float | None = None, subset_seed: int = 0):
+    def train_batches(self, batch_size: int, seed: int, subset: float | None = None, subset_seed: int = 0,
+                      recipe=None):
         """Endless shuffled batches {"input_ids": (B, train_seq_len)} of training windows; `subset` = a fixed
         random fraction of them (Fast-VTrans), drawn with `subset_seed`."""
         w = self.train_windows()
@@ -364,11 +402,12 @@ class WikiText2Perplexity(TaskAdapter):
         tgt = batch["input_ids"][:, 1:].to(logits.device)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
 
-    def loss(self, model, batch, device) -> torch.Tensor:
+    def loss(self, model, batch, device, recipe=None) -> torch.Tensor:
         return self.loss_from_output(self.forward(model, batch, device), batch, device)
 
     def evaluate(self, model, split: str = "test", device="cpu") -> dict:
-        bs = int(self.settings.get("eval_batch_size", 8 if self.profile == "micro" else 1))
+        bs = self.settings.eval_batch_size
+        bs = bs if bs is not None else (8 if self.profile == "micro" else 1)
         res = perplexity(model, self.eval_windows(split), device, bs)
         res["seq_len"] = self.seq_len
         return res
@@ -387,11 +426,11 @@ class WikiText2Perplexity(TaskAdapter):
         fp = {"task": self.name, "profile": self.profile, "layout_version": LAYOUT_VERSION,
               "protocol": "join \\n\\n, tokenise once, non-overlapping windows, remainder dropped",
               "seq_len": self.seq_len, "train_seq_len": self.train_seq_len,
-              "calib_samples": self.settings.get("calib_samples", "all"),
-              "calib_seed": int(self.settings.get("calib_seed", 0))}
+              "calib_samples": self.settings.calib_samples,
+              "calib_seed": self.settings.calib_seed}
         if self.profile == "micro":
             fp.update(generator="tasks.lm_perplexity.generate_micro", generator_version=GENERATOR_VERSION,
                       vocab_size=MICRO_VOCAB_SIZE, **self.micro_settings)
         else:
-            fp.update(root=str(self.root.resolve()), tokenizer=str(self.settings.get("tokenizer")))
+            fp.update(root=str(self.root.resolve()), tokenizer=str(self.settings.tokenizer))
         return fp

@@ -35,12 +35,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from bench.api import TaskAdapter
 from bench.errors import BenchError, MissingData
 from bench.measure import eval_mode
+from bench.options import NonNegInt, OptionsModel, PositiveInt
 from bench.registry import register_task
+from tasks.common import files
+from tasks.common.tokenizers import check_vocab
 from tasks.micro_data import generate_atomically, micro_folder
 from tasks.retrieval import pre_caption
 
@@ -58,8 +62,26 @@ LAYOUT = """\
   <root>/annotation/nlvr_test.json    (test-P)
   <root>/<img0>, <root>/<img1>        (image paths in the JSON are relative to <root>, BLIP's image_root)"""
 
-MICRO_DEFAULTS = {"train_pairs": 3000, "dev_pairs": 400, "test_pairs": 400, "image_size": 32, "max_objects": 4,
-                  "seed": 2024}
+MICRO_KEYS = ("train_pairs", "dev_pairs", "test_pairs", "image_size", "max_objects", "seed")   # generator settings
+
+
+class Nlvr2Data(OptionsModel):
+    """A profile's `data:` block for nlvr2."""
+
+    image_size: PositiveInt | None = Field(None, description="side of the square images fed to the model (null: 32 "
+                                                             "micro, 384 paper)")
+    max_tokens: PositiveInt | None = Field(None, description="sentence length in tokens (null: 64 micro, 128 paper)")
+    tokenizer: str | None = Field(None, description="paper: local bert-base-uncased folder (null: "
+                                                    "<data_root>/bert-base-uncased)")
+    image_root: str | None = Field(None, description="paper: folder the annotation's image paths are relative to "
+                                                     "(null: <data_root>/nlvr2)")
+    ann_root: str | None = Field(None, description="paper: folder of nlvr_{train,dev,test}.json (null: <image root>/annotation)")
+    image_cache: NonNegInt = Field(2000, description="paper: decoded images kept in memory")
+    train_pairs: PositiveInt = Field(3000, description="micro: training image pairs the generator writes")
+    dev_pairs: PositiveInt = Field(400, description="micro: dev image pairs")
+    test_pairs: PositiveInt = Field(400, description="micro: test-P image pairs")
+    max_objects: PositiveInt = Field(4, description="micro: most objects in one generated scene")
+    seed: NonNegInt = Field(2024, description="micro: generator seed")
 
 
 def swap_left_right(sentence: str) -> str:
@@ -67,25 +89,31 @@ def swap_left_right(sentence: str) -> str:
 
 
 def read_annotation(path: Path) -> list:
-    """Read and check one BLIP NLVR2 annotation file; errors name the file, the entry and the fix."""
+    """Read and check one BLIP NLVR2 annotation file; errors name the file, the entry, the field and the fix
+    (bytes that are not UTF-8 and JSON syntax errors too: tasks.common.files.read_json)."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise BenchError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); the file is "
-                         "corrupt or truncated: replace it with BLIP's released annotation file.") from e
+    data = files.read_json(path, "an NLVR2 annotation file: replace it with BLIP's released nlvr_*.json", LAYOUT)
     if not isinstance(data, list):
         raise BenchError(f"{path} must be a JSON list of {{images, sentence, label}} entries (BLIP's format), "
                          f"got a {type(data).__name__}.")
     out = []
+    entry = '{"images": [two paths], "sentence": str, "label": "True"|"False"}'
     for i, a in enumerate(data):
-        ok = (isinstance(a, dict) and isinstance(a.get("images"), list) and len(a["images"]) == 2
-              and all(isinstance(x, str) for x in a["images"]) and isinstance(a.get("sentence"), str)
-              and str(a.get("label")) in ("True", "False"))
-        if not ok:
-            raise BenchError(f"{path}: entry {i} is not an NLVR2 entry {{\"images\": [two paths], \"sentence\": str, "
-                             f"\"label\": \"True\"|\"False\"}}: {json.dumps(a)[:200]}")
-        out.append({"images": a["images"], "sentence": a["sentence"], "label": int(str(a["label"]) == "True")})
+        if not isinstance(a, dict):
+            problem = f"is a {type(a).__name__}, not an object"
+        elif any(f not in a for f in ("images", "sentence", "label")):
+            problem = f"has no field {next(f for f in ('images', 'sentence', 'label') if f not in a)!r}"
+        elif not (isinstance(a["images"], list) and len(a["images"]) == 2 and all(isinstance(x, str) for x in a["images"])):
+            problem = "has a field 'images' that is not a list of two image paths"
+        elif not isinstance(a["sentence"], str):
+            problem = "has a field 'sentence' that is not a string"
+        elif str(a["label"]) not in ("True", "False"):
+            problem = f"has a field 'label' of {a['label']!r}, not \"True\" or \"False\""
+        else:
+            out.append({"images": a["images"], "sentence": a["sentence"], "label": int(str(a["label"]) == "True")})
+            continue
+        raise BenchError(f"{path}: entry {i} {problem}; an NLVR2 entry is {entry}: {json.dumps(a, default=str)[:200]}. "
+                         "Fix or remove that entry, or use BLIP's released file.")
     if not out:
         raise BenchError(f"{path} has no entries.")
     return out
@@ -159,6 +187,7 @@ class Nlvr2Task(TaskAdapter):
     name = "nlvr2"
     metrics = {"acc": True, "dev_acc": True, "test_acc": True}
     layout = LAYOUT
+    Data = Nlvr2Data
 
     def __init__(self, settings, data_root, profile, cache_dir):
         super().__init__(settings, data_root, profile, cache_dir)
@@ -169,22 +198,23 @@ class Nlvr2Task(TaskAdapter):
     # ---------------------------------------------------------------- settings / folders
     @property
     def micro_settings(self) -> dict:
-        return {k: int(self.settings.get(k, v)) for k, v in MICRO_DEFAULTS.items()}
+        return {**{k: getattr(self.settings, k) for k in MICRO_KEYS}, "image_size": self.image_size}
 
     @property
     def image_size(self) -> int:
-        return int(self.settings.get("image_size", 32 if self.profile == "micro" else 384))
+        v = self.settings.image_size
+        return v if v is not None else (32 if self.profile == "micro" else 384)
 
     @property
     def root(self) -> Path:
         if self.profile == "paper":
-            return Path(self.settings.get("image_root", self.data_root / "nlvr2"))
+            return Path(self.settings.image_root) if self.settings.image_root is not None else self.data_root / "nlvr2"
         return micro_folder(self.cache_dir, "nlvr2", {**self.micro_settings, "generator": GENERATOR_VERSION})
 
     @property
     def ann_root(self) -> Path:
-        if self.profile == "paper" and "ann_root" in self.settings:
-            return Path(self.settings["ann_root"])
+        if self.profile == "paper" and self.settings.ann_root is not None:
+            return Path(self.settings.ann_root)
         return self.root / "annotation"
 
     # ---------------------------------------------------------------- data
@@ -202,6 +232,12 @@ class Nlvr2Task(TaskAdapter):
                                   "point --data-root DIR / the card's data.ann_root at them. The micro profile needs "
                                   "no data.")
             self._ann[split] = read_annotation(path)
+        if self.profile == "paper":      # real data: a missing, cut or unreadable image fails here, naming itself
+            import hashlib
+            rels = list(dict.fromkeys(r for anns in self._ann.values() for a in anns for r in a["images"]))
+            tag = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:16]
+            files.scan_images([self.root / r for r in rels], "the NLVR2 images", layout=self.layout,
+                              stamp=self.cache_dir / "scans" / f"nlvr2-{tag}.txt")
 
     def split(self, split: str) -> list:
         if split not in SPLITS:
@@ -231,7 +267,7 @@ class Nlvr2Task(TaskAdapter):
                 t = torch.from_numpy(np.asarray(im, np.uint8).copy()).permute(2, 0, 1).contiguous()
         except OSError as e:
             raise BenchError(f"NLVR2 image {path} cannot be decoded ({e}); the file is corrupt.") from e
-        if self.profile == "micro" or len(self._img_cache) < int(self.settings.get("image_cache", 2000)):
+        if self.profile == "micro" or len(self._img_cache) < self.settings.image_cache:
             self._img_cache[rel] = t
         return t
 
@@ -249,12 +285,18 @@ class Nlvr2Task(TaskAdapter):
                 from tasks.vl_micro import MicroTokenizer
                 self._tok = MicroTokenizer()
             else:
-                self._tok = _BertTokenizer(Path(self.settings.get("tokenizer", self.data_root / "bert-base-uncased")))
+                tok = self.settings.tokenizer
+                self._tok = _BertTokenizer(Path(tok) if tok is not None else self.data_root / "bert-base-uncased")
         return self._tok
 
+    def check_model(self, model) -> None:
+        """Paper: the BERT tokenizer's ids (BLIP's [DEC]/[ENC] included) must fit the text embedding."""
+        if self.profile == "paper":
+            check_vocab(self.tokenizer.tok, model, self.tokenizer.path, "NLVR2 tokenizer")
+
     def tokenize(self, sentences: list) -> tuple:
-        enc = self.tokenizer(sentences, max_len=int(self.settings.get("max_tokens", 64 if self.profile == "micro"
-                                                                          else 128)))
+        n = self.settings.max_tokens
+        enc = self.tokenizer(sentences, max_len=n if n is not None else (64 if self.profile == "micro" else 128))
         return enc["input_ids"], enc["attention_mask"]
 
     # ---------------------------------------------------------------- batches
@@ -275,7 +317,7 @@ class Nlvr2Task(TaskAdapter):
         ids, mask = self.tokenize(sents)
         return self._normalise(x0), self._normalise(x1), ids, mask, torch.tensor(labels, dtype=torch.long)
 
-    def train_batches(self, batch_size: int, seed: int):
+    def train_batches(self, batch_size: int, seed: int, recipe=None):
         anns = self.split("train")
         n = len(anns)
         bs = min(int(batch_size), n)
@@ -285,7 +327,7 @@ class Nlvr2Task(TaskAdapter):
             for i in range(0, n - bs + 1, bs):          # drop_last, as BLIP's loader
                 yield self._batch([anns[j] for j in perm[i:i + bs]], augment=True, gen=g)
 
-    def loss(self, model: nn.Module, batch, device) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch, device, recipe=None) -> torch.Tensor:
         x0, x1, ids, mask, y = batch
         logits = model(x0.to(device), x1.to(device), ids.to(device), mask.to(device), mode="train")
         return F.cross_entropy(logits, y.to(device))
@@ -368,6 +410,7 @@ class _BertTokenizer:
                               "Save the tokenizer there (BertTokenizer.from_pretrained(...).save_pretrained(folder)) or "
                               "set the card's data.tokenizer; nothing is downloaded at run time.")
         from transformers import BertTokenizer
+        self.path = path
         self.tok = BertTokenizer.from_pretrained(str(path))
         self.tok.add_special_tokens({"bos_token": "[DEC]"})
         self.tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})

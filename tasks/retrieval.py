@@ -35,15 +35,21 @@ import json
 import re
 from pathlib import Path
 
+from typing import Literal
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from bench.api import TaskAdapter
 from bench.errors import BenchError, MissingData
 from bench.measure import eval_mode
+from bench.options import NonNegInt, OptionsModel, PositiveInt
 from bench.registry import register_task
+from tasks.common import files
+from tasks.common.tokenizers import check_vocab
 from tasks.micro_data import MARKER, generate_atomically, micro_folder
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)     # BLIP and CLIP normalisation
@@ -70,18 +76,13 @@ def pre_question(question: str, max_ques_words: int = 50) -> str:
 
 
 def read_json(path: Path, what: str, layout: str):
-    """A BLIP annotation file, with clear errors for a missing file or broken JSON (also JSON lines)."""
+    """A BLIP annotation file, with clear errors for a missing file, bytes that are not UTF-8 or broken JSON
+    (tasks.common.files.read_json: the file and the line are named)."""
     path = Path(path)
     if not path.is_file():
         raise MissingData(what, path, layout, "Download BLIP's annotation files (see the README) into that folder; "
                           "the micro profile generates its own.")
-    text = path.read_text()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        line = text.splitlines()[e.lineno - 1][:120] if e.lineno - 1 < len(text.splitlines()) else ""
-        raise BenchError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}: {line!r}. "
-                         f"The file is corrupt or truncated: download it again. Expected layout:\n{layout}")
+    return files.read_json(path, what, layout)
 
 
 def check_fields(items, path, fields: dict, layout: str):
@@ -128,6 +129,17 @@ class ImageStore:
     def batch(self, rels, size: int | None = None) -> torch.Tensor:
         return torch.stack([self.load(r, size) for r in rels])
 
+    def scan(self, rels, what: str, cache_dir: Path | None = None) -> None:
+        """Check every named image once (tasks.common.files.scan_images: opens, not cut), before any training;
+        remembered under `cache_dir` for the same files, sizes and times."""
+        import hashlib
+        rels = list(dict.fromkeys(rels))
+        stamp = None
+        if cache_dir is not None:
+            tag = hashlib.sha256(f"{self.root.resolve()}|{what}".encode()).hexdigest()[:16]
+            stamp = Path(cache_dir) / "scans" / f"images-{tag}.txt"
+        files.scan_images([self.root / r for r in rels], what, stamp=stamp)
+
 
 def normalise(x: torch.Tensor) -> torch.Tensor:
     x = x.float().div(255)
@@ -165,15 +177,22 @@ class TextTokenizer:
                                   path, "  <folder>/vocab.txt", "Set the card's data.tokenizer_path to a local copy of "
                                   "bert-base-uncased; nothing is downloaded at run time.")
             from transformers import BertTokenizer
+            self.path = path
             self.tok = BertTokenizer.from_pretrained(path)
             self.tok.add_special_tokens({"bos_token": "[DEC]"})          # BLIP's init_tokenizer: 30522
             self.tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})   # 30523
         elif kind == "open_clip":
             import open_clip
             self.tok = open_clip.get_tokenizer("ViT-L-14-336")   # the bundled BPE vocabulary: offline
+            self.path = "open_clip's bundled ViT-L-14-336 tokenizer"
             self.context_length = context_length
         else:
             raise BenchError(f"tokenizer must be micro, bert or open_clip, not {kind!r}")
+
+    def check_model(self, model) -> None:
+        """The ids this tokenizer produces fit the model's text embedding (micro: the generator's vocabulary)."""
+        if self.kind != "micro":
+            check_vocab(self.tok, model, self.path, "tokenizer")
 
     def __call__(self, texts, max_len: int) -> dict:
         if self.kind == "micro":
@@ -305,13 +324,34 @@ class _KarpathyData:
             self.evals[split] = {"images": images, "texts": texts, "txt2img": txt2img, "img2txt": img2txt}
 
 
+class RetrievalData(OptionsModel):
+    """A profile's `data:` block for retrieval_coco / retrieval_flickr (caption_coco adds its own keys)."""
+
+    image_size: PositiveInt | None = Field(None, description="side of the square images (null: 32 micro, 384 paper)")
+    root: str | None = Field(None, description="paper: the data folder (null: <data_root>/coco or <data_root>/flickr30k)")
+    tokenizer: Literal["micro", "bert", "open_clip"] | None = Field(
+        None, description="text tokenizer: BLIP's BERT, CLIP's open_clip (null: micro micro, bert paper)")
+    tokenizer_path: str | None = Field(None, description="bert: local bert-base-uncased folder")
+    context_length: PositiveInt = Field(77, description="open_clip: tokens per text")
+    max_words: PositiveInt = Field(30, description="words a caption keeps (BLIP's pre_caption)")
+    max_len: PositiveInt = Field(35, description="bert / micro: tokens per text")
+    k_test: PositiveInt | None = Field(None, description="candidates re-ranked by ITM per query (null: 256 COCO, 128 Flickr)")
+    augment: bool | None = Field(None, description="RandomResizedCrop + flip in training (null: paper yes, micro no)")
+    flops_text_len: PositiveInt = Field(35, description="BLIP: caption tokens of the FLOPs / throughput input")
+    n_train: PositiveInt = Field(400, description="micro: training images the generator writes")
+    n_val: PositiveInt = Field(50, description="micro: val images")
+    n_test: PositiveInt = Field(100, description="micro: test images")
+    seed: NonNegInt = Field(2024, description="micro: generator seed")
+
+
 class RetrievalTask(TaskAdapter):
     prefix = "coco_karpathy"
     folder = "coco"
     default_k = 256
     metrics = {"txt_r1": True, "txt_r5": True, "txt_r10": True, "img_r1": True, "img_r5": True,
                "img_r10": True, "r_mean": True}
-    MICRO_DEFAULTS = {"n_train": 400, "n_val": 50, "n_test": 100, "image_size": 32, "seed": 2024}
+    Data = RetrievalData
+    MICRO_KEYS = ("n_train", "n_val", "n_test", "image_size", "seed")   # the micro generator's settings
 
     def __init__(self, settings, data_root, profile, cache_dir):
         super().__init__(settings, data_root, profile, cache_dir)
@@ -329,37 +369,45 @@ class RetrievalTask(TaskAdapter):
     # ----------------------------------------------------------------- settings
     @property
     def micro(self) -> dict:
-        return {k: int(self.settings.get(k, v)) for k, v in self.MICRO_DEFAULTS.items()}
+        return {**{k: getattr(self.settings, k) for k in self.MICRO_KEYS}, "image_size": self.image_size}
 
     @property
     def image_size(self) -> int:
-        return int(self.settings.get("image_size", 32 if self.profile == "micro" else 384))
+        v = self.settings.image_size
+        return v if v is not None else (32 if self.profile == "micro" else 384)
 
     @property
     def max_words(self) -> int:
-        return int(self.settings.get("max_words", 30))
+        return self.settings.max_words
 
     @property
     def max_len(self) -> int:
-        return int(self.settings.get("max_len", 35))
+        return self.settings.max_len
 
     @property
     def k_test(self) -> int:
-        return int(self.settings.get("k_test", self.default_k))
+        return self.settings.k_test if self.settings.k_test is not None else self.default_k
+
+    @property
+    def tokenizer_kind(self) -> str:
+        return self.settings.tokenizer or ("micro" if self.profile == "micro" else "bert")
 
     @property
     def root(self) -> Path:
         if self.profile == "paper":
-            return Path(self.settings.get("root") or self.data_root / self.folder)
+            return Path(self.settings.root or self.data_root / self.folder)
         return micro_folder(self.cache_dir, f"{self.name}", {**self.micro, "generator": GENERATOR_VERSION,
                                                              "prefix": self.prefix})
 
     def tokenizer(self) -> TextTokenizer:
         if not hasattr(self, "_tok"):
-            kind = self.settings.get("tokenizer", "micro" if self.profile == "micro" else "bert")
-            self._tok = TextTokenizer(kind, self.settings.get("tokenizer_path"),
-                                      int(self.settings.get("context_length", 77)))
+            self._tok = TextTokenizer(self.tokenizer_kind, self.settings.tokenizer_path, self.settings.context_length)
         return self._tok
+
+    def check_model(self, model) -> None:
+        """Paper: the tokenizer's ids must fit the model's text embedding (BenchError naming both sizes)."""
+        if self.profile == "paper":
+            self.tokenizer().check_model(model)
 
     # ----------------------------------------------------------------- data
     def prepare(self) -> None:
@@ -371,18 +419,22 @@ class RetrievalTask(TaskAdapter):
                 tmp, self.prefix, s["n_train"], s["n_val"], s["n_test"], s["image_size"], s["seed"]))
         self._data = _KarpathyData(self.root / "annotation", self.prefix, self.layout, self.max_words)
         self._store = ImageStore(self.root / "images", self.image_size, self.profile == "micro", self.layout)
+        if self.profile == "paper":      # real data: a cut or unreadable image fails here, naming itself
+            d = self._data
+            self._store.scan([p[0] for p in d.train_pairs] + [i for e in d.evals.values() for i in e["images"]],
+                             f"the {self.name} images", self.cache_dir)
 
     def steps_per_epoch(self, batch_size: int) -> int:
         self.prepare()
         return max(1, len(self._data.train_pairs) // int(batch_size))
 
-    def train_batches(self, batch_size: int, seed: int):
+    def train_batches(self, batch_size: int, seed: int, recipe=None):
         self.prepare()
         pairs = self._data.train_pairs
         bs = min(int(batch_size), len(pairs))
         g = torch.Generator().manual_seed(int(seed))
         tok = self.tokenizer()
-        augment = bool(self.settings.get("augment", self.profile == "paper"))
+        augment = self.settings.augment if self.settings.augment is not None else self.profile == "paper"
         while True:
             perm = torch.randperm(len(pairs), generator=g).tolist()
             for i in range(0, len(pairs) - bs + 1, bs):   # drop_last, as BLIP's loader
@@ -393,7 +445,7 @@ class RetrievalTask(TaskAdapter):
                 enc = tok([c[1] for c in chunk], self.max_len)
                 yield normalise(x), enc["input_ids"], enc["attention_mask"], torch.tensor([c[2] for c in chunk])
 
-    def loss(self, model: nn.Module, batch, device) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch, device, recipe=None) -> torch.Tensor:
         x, ids, mask, idx = (t.to(device) for t in batch)
         return model.retrieval_loss(x, ids, mask, idx)
 
@@ -455,7 +507,7 @@ class RetrievalTask(TaskAdapter):
         return "text_cfg" in cfg
 
     def _text_len(self, cfg) -> int:
-        return int(cfg["text_cfg"]["context_length"]) if self._is_clip(cfg) else int(self.settings.get("flops_text_len", 35))
+        return int(cfg["text_cfg"]["context_length"]) if self._is_clip(cfg) else self.settings.flops_text_len
 
     def dummy_inputs(self, model_config: dict, batch_size: int, device) -> tuple:
         """Inference forward: B images and B captions (CLIP: the full context; BLIP: 35 tokens)."""
@@ -481,8 +533,7 @@ class RetrievalTask(TaskAdapter):
 
     def fingerprint(self) -> dict:
         fp = {"task": self.name, "profile": self.profile, "image_size": self.image_size, "max_words": self.max_words,
-              "max_len": self.max_len, "tokenizer": self.settings.get("tokenizer", "micro" if self.profile == "micro"
-                                                                       else "bert")}
+              "max_len": self.max_len, "tokenizer": self.tokenizer_kind}
         if self.profile == "micro":
             fp.update(generator="tasks.retrieval.generate_karpathy", generator_version=GENERATOR_VERSION, **self.micro)
         else:

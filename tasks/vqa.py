@@ -28,13 +28,17 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from typing import Literal
+
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
 from bench.api import TaskAdapter
 from bench.errors import BenchError
 from bench.measure import eval_mode
+from bench.options import NonNegInt, OptionsModel, PositiveInt
 from bench.registry import register_task
 from tasks.micro_data import MARKER, generate_atomically, micro_folder
 from tasks.retrieval import ImageStore, TextTokenizer, check_fields, coco_image_name, normalise, pre_question, read_json
@@ -196,12 +200,35 @@ LAYOUT = """\
   (root = <data_root>/vqa; BLIP's annotation files)"""
 
 
+class VqaData(OptionsModel):
+    """A profile's `data:` block for vqa."""
+
+    image_size: PositiveInt | None = Field(None, description="side of the square images (null: 32 micro, 480 paper)")
+    train_files: list[str] | None = Field(None, min_length=1, description="annotation files (without .json) trained on "
+                                                                          "(null: vqa_train micro; vqa_train, vqa_val, vg_qa paper)")
+    root: str | None = Field(None, description="paper: the data folder (null: <data_root>/vqa)")
+    tokenizer: Literal["micro", "bert", "open_clip"] | None = Field(None, description="text tokenizer (null: micro "
+                                                                                      "micro, bert paper)")
+    tokenizer_path: str | None = Field(None, description="bert: local bert-base-uncased folder")
+    k_test: PositiveInt = Field(128, description="answer candidates re-ranked per question (BLIP's k_test)")
+    always_normalise: bool = Field(False, description="normalise the answers of every question (the official "
+                                                                  "script: only where the human answers disagree)")
+    result_dir: str | None = Field(None, description="where results of a split without answers are written for the "
+                                                     "evaluation server (null: <cache>/vqa_results)")
+    n_train: PositiveInt = Field(500, description="micro: training images the generator writes")
+    n_val: PositiveInt = Field(60, description="micro: val images")
+    n_test: PositiveInt = Field(20, description="micro: test images")
+    q_per_image: PositiveInt = Field(4, description="micro: questions per image")
+    seed: NonNegInt = Field(77, description="micro: generator seed")
+
+
 @register_task("vqa")
 class VqaTask(TaskAdapter):
     name = "vqa"
     metrics = {"vqa_acc": True}
     layout = LAYOUT
-    MICRO_DEFAULTS = {"n_train": 500, "n_val": 60, "n_test": 20, "q_per_image": 4, "image_size": 32, "seed": 77}
+    Data = VqaData
+    MICRO_KEYS = ("n_train", "n_val", "n_test", "q_per_image", "image_size", "seed")   # generator settings
 
     def __init__(self, settings, data_root, profile, cache_dir):
         super().__init__(settings, data_root, profile, cache_dir)
@@ -209,28 +236,35 @@ class VqaTask(TaskAdapter):
 
     @property
     def micro(self) -> dict:
-        return {k: int(self.settings.get(k, v)) for k, v in self.MICRO_DEFAULTS.items()}
+        return {**{k: getattr(self.settings, k) for k in self.MICRO_KEYS}, "image_size": self.image_size}
 
     @property
     def image_size(self) -> int:
-        return int(self.settings.get("image_size", 32 if self.profile == "micro" else 480))
+        v = self.settings.image_size
+        return v if v is not None else (32 if self.profile == "micro" else 480)
 
     @property
     def train_files(self) -> list:
-        return list(self.settings.get("train_files", ["vqa_train"] if self.profile == "micro"
-                                      else ["vqa_train", "vqa_val", "vg_qa"]))
+        v = self.settings.train_files
+        return list(v if v is not None else ["vqa_train"] if self.profile == "micro"
+                    else ["vqa_train", "vqa_val", "vg_qa"])
 
     @property
     def root(self) -> Path:
         if self.profile == "paper":
-            return Path(self.settings.get("root") or self.data_root / "vqa")
+            return Path(self.settings.root or self.data_root / "vqa")
         return micro_folder(self.cache_dir, "vqa", {**self.micro, "generator": GENERATOR_VERSION})
 
     def tokenizer(self) -> TextTokenizer:
         if not hasattr(self, "_tok"):
-            self._tok = TextTokenizer(self.settings.get("tokenizer", "micro" if self.profile == "micro" else "bert"),
-                                      self.settings.get("tokenizer_path"))
+            kind = self.settings.tokenizer or ("micro" if self.profile == "micro" else "bert")
+            self._tok = TextTokenizer(kind, self.settings.tokenizer_path)
         return self._tok
+
+    def check_model(self, model) -> None:
+        """Paper: the tokenizer's ids must fit the model's text embedding (BenchError naming both sizes)."""
+        if self.profile == "paper":
+            self.tokenizer().check_model(model)
 
     def prepare(self) -> None:
         if self._ann is not None:
@@ -250,6 +284,11 @@ class VqaTask(TaskAdapter):
         if not (isinstance(self.answer_list, list) and all(isinstance(a, str) for a in self.answer_list)):
             raise BenchError(f"{ann / 'answer_list.json'} must be a JSON list of answer strings")
         self._store = ImageStore(self.root / "images", self.image_size, self.profile == "micro", self.layout)
+        if self.profile == "paper":      # real data: malformed eval annotations and cut images fail here
+            names = {"val": "vqa_val", "test": "vqa_test"}
+            evals = [self.split_items(k) for k, n in names.items() if (ann / f"{n}.json").is_file()]
+            self._store.scan([it["image"] for items in [self.train_items, *evals] for it in items],
+                             "the VQA images", self.cache_dir)
 
     def split_items(self, split: str) -> list:
         self.prepare()
@@ -267,7 +306,7 @@ class VqaTask(TaskAdapter):
         self.prepare()
         return max(1, len(self.train_items) // int(batch_size))
 
-    def train_batches(self, batch_size: int, seed: int):
+    def train_batches(self, batch_size: int, seed: int, recipe=None):
         """(images, q_ids, q_mask, a_ids, a_mask, weights, n) as BLIP's vqa_collate_fn."""
         self.prepare()
         items = self.train_items
@@ -290,7 +329,7 @@ class VqaTask(TaskAdapter):
                 yield (normalise(self._store.batch([it["image"] for it in chunk])), q["input_ids"],
                        q["attention_mask"], a["input_ids"], a["attention_mask"], torch.tensor(weights), torch.tensor(n))
 
-    def loss(self, model: nn.Module, batch, device) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch, device, recipe=None) -> torch.Tensor:
         x, qi, qm, ai, am, w, n = batch
         return model.vqa_loss(x.to(device), qi.to(device), qm.to(device), ai.to(device), am.to(device),
                               w.to(device), n.tolist())
@@ -302,7 +341,7 @@ class VqaTask(TaskAdapter):
         tok = self.tokenizer()
         cand = tok(self.answer_list, 10)
         a_ids, a_mask = cand["input_ids"].to(device), cand["attention_mask"].to(device)
-        k = min(int(self.settings.get("k_test", 128)), len(self.answer_list))
+        k = min(self.settings.k_test, len(self.answer_list))
         preds = {}
         for i in range(0, len(items), batch_size):
             chunk = items[i:i + batch_size]
@@ -322,9 +361,9 @@ class VqaTask(TaskAdapter):
         if all("answer" in it for it in items):
             gts = {it["question_id"]: it["answer"] if isinstance(it["answer"], list) else [it["answer"]]
                    for it in items}
-            out["vqa_acc"] = vqa_accuracy(preds, gts, bool(self.settings.get("always_normalise", False)))
+            out["vqa_acc"] = vqa_accuracy(preds, gts, self.settings.always_normalise)
         else:
-            rdir = Path(self.settings.get("result_dir") or self.cache_dir / "vqa_results")
+            rdir = Path(self.settings.result_dir or self.cache_dir / "vqa_results")
             rdir.mkdir(parents=True, exist_ok=True)
             path = rdir / f"vqa_result_{split}.json"
             path.write_text(json.dumps(result))

@@ -48,20 +48,26 @@ def test_validate_the_shipped_cards(capsys):
 def test_validate_catches_incomplete_cards():
     card = load_card("upop_deit")
     assert validate_card(card) == []
+    # structural problems (types, ranges, required keys) are found first, each with its path
+    bad = copy.deepcopy(card)
+    bad["ratios"][0]["p"] = 1.5
+    del bad["metrics"][0]["higher_is_better"]
+    errs = "\n".join(validate_card(bad))
+    for needle in ["ratios[0].p: input should be less than 1, got 1.5", "metrics[0].higher_is_better: missing"]:
+        assert needle in errs, errs
+    # then everything that needs the registry and the rest of the card
     bad = copy.deepcopy(card)
     del bad["references"]["rows"][1]["top1"]
     bad["references"]["rows"][2]["top1"] = "high"
     del bad["references"]["tolerance"]["top5"]
-    bad["ratios"][0]["p"] = 1.5
-    del bad["metrics"][0]["higher_is_better"]
     bad["methods"].append("magnitud")
     del bad["profiles"]["micro"]["finetune"]
     bad["references"]["rows"].append({"method": "upop", "ratio": "3x", "top1": 1.0})
     errs = "\n".join(validate_card(bad))
-    for needle in ["top1 must be a number", "no tolerance for 'top5'", "p must be a number in (0, 1)",
-                   "higher_is_better", "unknown method 'magnitud'", "profiles.micro: missing 'finetune'",
-                   "ratio '3x' is not a ratio label"]:
-        assert needle in errs, needle
+    for needle in ["references.rows[2].top1: must be a number", "no tolerance for 'top5'",
+                   "methods[6]: unknown method 'magnitud'", "profiles.micro: missing finetune:",
+                   "references.rows[6].ratio: '3x' is not a ratio label"]:
+        assert needle in errs, errs
 
 
 def test_paper_profile_without_data_is_a_clear_error(capsys, tmp_path):

@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from bench.api import CellContext, RatioSpec
+from bench.options import parse_block
+from bench.recipe import TrainRecipe
 from bench.registry import METHODS
 from bench.structure import extract, kept_param_count, mask_weights
 from bench.training import train
-from methods.gohsp import (eigen_stationary, gohsp_budgets, gohsp_plan, head_similarity, project,
-                           select_at_budgets, stationary_distribution, transition_matrix)
+from methods.gohsp import (GOHSPOptions, GOHSPSettings, eigen_stationary, gohsp_budgets, gohsp_plan, head_similarity,
+                           project, select_at_budgets, stationary_distribution, transition_matrix)
 from methods.magnitude import unit_scores
 from models.vit import VitAdapter
 from tests.conftest import build
@@ -59,16 +61,18 @@ def micro_model():
                                   {"head_budget": "global"}, {"ffn_budget": "per_layer"}])
 def test_budget_hits_total_sparsity_within_one_unit(micro_model, p, opts):
     adapter, model = micro_model
-    st = adapter.structure(model, opts.get("unit_kinds", ["head", "head_dim", "ffn"]))
+    o = GOHSPOptions(**opts)
+    st = adapter.structure(model, o.unit_kinds)
     total = sum(x.numel() for x in model.parameters())
-    plan = gohsp_plan(st, p, total, opts)
+    plan = gohsp_plan(st, p, total, o.attn_split, o.ffn_budget)
     ffn_ppu = next(g.params_per_unit for g in st if g.kind == "ffn")
     assert abs(plan["planned"] - p * total) <= ffn_ppu / 2 + 1e-6
-    keep = select_at_budgets(st, unit_scores(model, st), p, total, opts)   # SOMP at GOHSP's budgets
+    keep = select_at_budgets(st, unit_scores(model, st), p, total, head_budget=o.head_budget,   # SOMP at GOHSP's
+                             attn_split=o.attn_split, ffn_budget=o.ffn_budget)                  # budgets
     removed = kept_param_count(model, st, keep)["removed"]
     assert removed == pytest.approx(plan["planned"], abs=1e-6)
     assert abs(removed - p * total) <= ffn_ppu
-    budgets = gohsp_budgets(st, p, total, opts)
+    budgets = gohsp_budgets(st, p, total, o.attn_split, o.ffn_budget)
     for kind, n in budgets.items():
         assert sum(int((~keep[g.name]).sum()) for g in st if g.kind == kind) == n
     assert all(int(k.sum()) >= 1 for k in keep.values())
@@ -84,7 +88,7 @@ def test_projection_keeps_exactly_the_budgeted_heads_and_columns(micro_model):
     params = dict(model.named_parameters())
     from bench.structure import param_masks
     names = list(param_masks(model, st, st.full_keep()))
-    keep, Z = project(st, {n: params[n].detach() for n in names}, head_keep, plan, {})
+    keep, Z = project(st, {n: params[n].detach() for n in names}, head_keep, plan)
     for g in st:
         if g.kind == "head":
             assert torch.equal(keep[g.name], head_keep[g.name])
@@ -107,8 +111,9 @@ def _run_gohsp(p, opts=None, epochs=3.0):
     s = {"admm_epochs": epochs, "batch_size": 32, "lr": 1e-3, "rho0": 1.0, "rho_growth": 1.5,
          "calib_batches": 2, "calib_batch_size": 32}
     ctx = CellContext(model=model, adapter=adapter, structure=adapter.structure(model), task=task,
-                      ratio=RatioSpec("x", p), options=opts or {},
-                      settings={"finetune": {"epochs": 1, "lr": 1e-3, "batch_size": 32}, "method": s},
+                      ratio=RatioSpec("x", p), options=parse_block(GOHSPOptions, opts, "method_options.gohsp"),
+                      settings={"finetune": TrainRecipe(epochs=1, lr=1e-3, batch_size=32),
+                                "method": parse_block(GOHSPSettings, s, "gohsp")},
                       device=torch.device("cpu"), seed=0, train=functools.partial(train, task=task, device="cpu", seed=0),
                       log=lambda m: None)
     keep = METHODS.get("gohsp")().prune(ctx)

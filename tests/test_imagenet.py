@@ -17,6 +17,7 @@ from torch import nn
 
 import tasks.imagenet as tim
 from bench.errors import BenchError, MissingData
+from bench.recipe import TrainRecipe
 from tasks.imagenet import ImageNetTask, generate_micro
 
 REPO = Path(__file__).resolve().parents[1]
@@ -198,8 +199,8 @@ def test_paper_flat_val_and_class_mismatch(tmp_path):
 
 def test_paper_loader_evaluate_and_train(tmp_path):
     write_folder(tmp_path / "imagenet", ["n01440764", "n01443537", "n01484850"])
-    settings = {"workers": 0, "image_size": 32, "auto_augment": "rand-m9-mstd0.5-inc1", "reprob": 0.25}
-    t = ImageNetTask(settings, tmp_path, "paper", tmp_path / "cache")
+    t = ImageNetTask({"workers": 0, "image_size": 32}, tmp_path, "paper", tmp_path / "cache")
+    recipe = TrainRecipe(epochs=1, lr=1.0e-3, batch_size=4, auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25)
     t.prepare()
     assert t.classes == ["n01440764", "n01443537", "n01484850"] and t.train_size == 6
     torch.manual_seed(0)
@@ -207,21 +208,22 @@ def test_paper_loader_evaluate_and_train(tmp_path):
     r = t.evaluate(model, "val", "cpu")
     assert set(r) == {"top1", "top5", "n"} and 0 <= r["top1"] <= 100 and r["top5"] == 100.0 and r["n"] == 6
     assert model.training                                   # mode restored
-    x, y = next(t.train_batches(4, seed=0))
+    x, y = next(t.train_batches(4, seed=0, recipe=recipe))
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.long
     assert t.steps_per_epoch(4) == 1
-    assert torch.isfinite(t.loss(model, (x, y), "cpu"))
+    assert torch.isfinite(t.loss(model, (x, y), "cpu", recipe=recipe))
     fp = t.fingerprint()
     assert fp["root"] == str((tmp_path / "imagenet").resolve()) and fp["layout_version"] == tim.LAYOUT_VERSION
 
 
 def test_paper_mixup_loss(tmp_path):
     write_folder(tmp_path / "imagenet", ["n01", "n02", "n03"])
-    t = ImageNetTask({"workers": 0, "image_size": 32, "mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1},
-                     tmp_path, "paper", tmp_path / "cache")
+    t = ImageNetTask({"workers": 0, "image_size": 32}, tmp_path, "paper", tmp_path / "cache")
+    recipe = TrainRecipe(epochs=1, lr=1.0e-3, batch_size=4, mixup=0.8, cutmix=1.0, label_smoothing=0.1)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3))
-    x, y = next(t.train_batches(4, seed=0))
-    loss = t.loss(model, (x, y), "cpu")
+    x, y = next(t.train_batches(4, seed=0, recipe=recipe))
+    assert y.shape == (4, 3) and torch.allclose(y.sum(1), torch.ones(4))     # soft targets
+    loss = t.loss(model, (x, y), "cpu", recipe=recipe)
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
 
@@ -308,7 +310,7 @@ def test_micro_loss_and_label_smoothing(tmp_path):
     t = micro_task(tmp_path)
     batch = next(t.train_batches(8, seed=0))
     plain = t.loss(model, batch, "cpu")
-    smooth = micro_task(tmp_path, label_smoothing=0.1).loss(model, batch, "cpu")
+    smooth = t.loss(model, batch, "cpu", recipe=TrainRecipe(epochs=1, lr=1.0e-3, batch_size=8, label_smoothing=0.1))
     assert plain.ndim == 0 and torch.isfinite(plain) and not torch.isclose(plain, smooth)
 
 

@@ -348,14 +348,14 @@ class _TinyText:
     def steps_per_epoch(self, bs):
         return len(self.x) // bs
 
-    def train_batches(self, bs, seed):
+    def train_batches(self, bs, seed, recipe=None):
         g = torch.Generator().manual_seed(seed)
         while True:
             perm = torch.randperm(len(self.x), generator=g)
             for i in range(0, len(perm) - bs + 1, bs):
                 yield self.x[perm[i:i + bs]], self.y[perm[i:i + bs]]
 
-    def loss(self, model, batch, device):
+    def loss(self, model, batch, device, recipe=None):
         return torch.nn.functional.cross_entropy(model(input_ids=batch[0]).logits, batch[1])
 
 
@@ -368,9 +368,10 @@ def test_upop_and_somp_run_on_bert(method):
     from bench.training import train
     adapter, model = build("bert_micro")
     task = _TinyText()
-    settings = {"search_epochs": 1, "lr": 1e-3, "batch_size": 32, "interval": 2, "w_sp_attn": 1e-3,
-                "w_sp_mlp": 1e-3}
-    opts = {"unit_kinds": ["head", "ffn"]} if method == "somp" else {}
+    M = METHODS.get(method)
+    settings = M.Settings(**({"search_epochs": 1, "lr": 1e-3, "batch_size": 32, "interval": 2, "w_sp_attn": 1e-3,
+                              "w_sp_mlp": 1e-3} if method == "upop" else {}))
+    opts = M.Options(**({"unit_kinds": ["head", "ffn"]} if method == "somp" else {}))
     ctx = CellContext(model=model, adapter=adapter, structure=adapter.structure(model), task=task,
                       ratio=RatioSpec("x", 0.5), options=opts, settings={"finetune": None, "method": settings},
                       device=torch.device("cpu"), seed=0,

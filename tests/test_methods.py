@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.api import CellContext, RatioSpec
+from bench.options import parse_block
+from bench.recipe import TrainRecipe
 from bench.registry import METHODS
 from bench.structure import kept_param_count, param_masks
 from bench.training import train
@@ -77,23 +79,25 @@ class TinyTask:
     def steps_per_epoch(self, bs):
         return len(self.x) // bs
 
-    def train_batches(self, bs, seed):
+    def train_batches(self, bs, seed, recipe=None):
         g = torch.Generator().manual_seed(seed)
         while True:
             perm = torch.randperm(len(self.x), generator=g)
             for i in range(0, len(perm) - bs + 1, bs):
                 yield self.x[perm[i:i + bs]], self.y[perm[i:i + bs]]
 
-    def loss(self, model, batch, device):
+    def loss(self, model, batch, device, recipe=None):
         return F.cross_entropy(model(batch[0]), batch[1])
 
 
 def _ctx(method, p, model, adapter, task, epochs=2.0):
-    ft = {"epochs": epochs, "lr": 1e-3, "batch_size": 32}
+    """A context with typed blocks, as the runner hands them."""
+    M = METHODS.get(method)
+    ft = TrainRecipe(epochs=epochs, lr=1e-3, batch_size=32)
+    sched = {"prune_start_epoch": 0, "prune_end_fraction": 0.5, "prune_events": 4} if method == "sgmp" else {}
     return CellContext(model=model, adapter=adapter, structure=adapter.structure(model), task=task,
-                       ratio=RatioSpec("x", p), options={"unit_kinds": ["head_dim", "ffn"]},
-                       settings={"finetune": ft, "method": {"prune_start_epoch": 0, "prune_end_fraction": 0.5,
-                                                          "prune_events": 4}},
+                       ratio=RatioSpec("x", p), options=M.Options(unit_kinds=["head_dim", "ffn"]),
+                       settings={"finetune": ft, "method": parse_block(M.Settings, sched, method)},
                        device=torch.device("cpu"), seed=0,
                        train=functools.partial(train, task=task, device="cpu", seed=0), log=lambda m: None)
 

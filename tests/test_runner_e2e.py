@@ -32,6 +32,8 @@ def tiny_env(tmp_path):
     micro["upop"] = {"search_epochs": 1, "lr": 5.0e-4, "batch_size": 32, "interval": 1, "w_sp_attn": 4.8e-3,
                      "w_sp_mlp": 2.0e-4}
     micro["throughput"] = {"batch_size": 8, "warmup": 1, "iters": 2, "trials": 1}
+    for prof in card["profiles"].values():   # the strict schema refuses settings of a method the card does not run
+        prof.pop("sgmp", None)
     (tmp_path / "cards").mkdir()
     (tmp_path / "cards" / "tiny_deit.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
     env = dict(os.environ, BENCH_TABLES=str(tmp_path / "cards"), BENCH_CACHE=str(tmp_path / "cache"),

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from bench.api import CellContext, RatioSpec
+from bench.options import parse_block
+from bench.recipe import TrainRecipe
 from bench.registry import METHODS
 from bench.structure import extract, kept_param_count
 from bench.training import train
@@ -67,11 +69,14 @@ def test_weighted_threshold_and_one_unit_per_module(micro):
 
 
 def _ctx(method, p, model, adapter, task, options=None, search_epochs=1.0, interval=3, batch_size=32):
-    ft = {"epochs": 1, "lr": 1e-3, "batch_size": batch_size}
+    """A context with typed blocks, as the runner hands them."""
+    M = METHODS.get(method)
+    ft = TrainRecipe(epochs=1, lr=1e-3, batch_size=batch_size)
     up = {"search_epochs": search_epochs, "lr": 1e-3, "batch_size": batch_size, "interval": interval,
           "w_sp_attn": 4.8e-3, "w_sp_mlp": 2e-4}
     return CellContext(model=model, adapter=adapter, structure=adapter.structure(model), task=task,
-                       ratio=RatioSpec("x", p), options=options or {}, settings={"finetune": ft, "method": up},
+                       ratio=RatioSpec("x", p), options=parse_block(M.Options, options, f"method_options.{method}"),
+                       settings={"finetune": ft, "method": parse_block(M.Settings, up, "upop")},
                        device=torch.device("cpu"), seed=0,
                        train=functools.partial(train, task=task, device="cpu", seed=0), log=lambda m: None)
 
@@ -130,12 +135,12 @@ class RandomImages:
     def steps_per_epoch(self, bs):
         return len(self.x) // bs
 
-    def train_batches(self, bs, seed):
+    def train_batches(self, bs, seed, recipe=None):
         while True:
             for i in range(0, len(self.x), bs):
                 yield self.x[i:i + bs], self.y[i:i + bs]
 
-    def loss(self, model, batch, device):
+    def loss(self, model, batch, device, recipe=None):
         return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bench.api import CellContext, RatioSpec
+from bench.options import parse_block
 from bench.registry import METHODS, TASKS
 from bench.structure import extract, kept_param_count
 from methods.vtrans import (SizeModel, VIBMasks, exact_selection, fractions, keep_rule, log_alpha, soft_keep,
@@ -72,7 +73,8 @@ def test_exact_selection_reaches_the_target_within_one_unit(p):
     assert all(int(keep[x.name].sum()) >= x.min_keep for x in st if x.kind != "layer")
 
 
-def _ctx(method, p, options=None, settings=None, train_size=320):
+def _ctx(method, p, options=None, settings=None, train_size=320, raw=False):
+    """A context with typed blocks as the runner hands them (raw: the plain dicts, which the method validates)."""
     task = TASKS.get("glue_sst2")({"train_size": train_size, "dev_size": 40, "max_len": 16}, None, "micro",
                                   Path(__import__("os").environ["BENCH_CACHE"]))
     task.prepare()
@@ -81,8 +83,12 @@ def _ctx(method, p, options=None, settings=None, train_size=320):
                            attention_probs_dropout_prob=0.0)
     s = {"epochs": 8, "batch_size": 16, "lr": 1e-3, "kl_factor": 1e-4, "vib_lr": 0.1, "reg_lr": 0.1,
          "lagrangian_warmup": 0.5, **(settings or {})}
+    M = METHODS.get(method)
+    o = options or {}
+    if not raw:
+        o, s = parse_block(M.Options, o, f"method_options.{method}"), parse_block(M.Settings, s, method)
     ctx = CellContext(model=model, adapter=adapter, structure=adapter.structure(model), task=task,
-                      ratio=RatioSpec("x", p), options=options or {}, settings={"finetune": None, "method": s},
+                      ratio=RatioSpec("x", p), options=o, settings={"finetune": None, "method": s},
                       device=torch.device("cpu"), seed=0, train=None, log=lambda m: None)
     return ctx, METHODS.get(method)()
 
@@ -126,13 +132,20 @@ def test_faster_trains_only_masks_and_fast_uses_three_percent():
 
 def test_bad_options_are_clear_errors():
     from bench.errors import BenchError
-    ctx, method = _ctx("vtrans", 0.4, options={"kl_factr": 1.0})
-    with pytest.raises(BenchError, match="unknown option"):
+    M = METHODS.get("vtrans")
+    with pytest.raises(BenchError, match="method_options.vtrans.kl_factr: unknown key, did you mean kl_factor"):
+        parse_block(M.Options, {"kl_factr": 1.0}, "method_options.vtrans")
+    with pytest.raises(BenchError, match="vtrans.epochs: missing"):
+        parse_block(M.Settings, {"batch_size": 16}, "vtrans")
+    # a hand-built context with plain dicts is validated by the method the same way
+    ctx, method = _ctx("vtrans", 0.4, options={"kl_factr": 1.0}, raw=True)
+    with pytest.raises(BenchError, match="did you mean kl_factor"):
         method.prune(ctx)
-    ctx, method = _ctx("vtrans", 0.4, settings={"epochs": None})
-    ctx.settings["method"].pop("epochs")
-    with pytest.raises(BenchError, match="epochs"):
-        method.prune(ctx)
+    # the variants keep their own defaults; a profile's option keys override the card's for that profile
+    assert METHODS.get("fast_vtrans").Options().subset == 0.03 and M.Options().subset is None
+    assert METHODS.get("faster_vtrans").Options().train_weights is False
+    s = parse_block(M.Settings, {"epochs": 1, "batch_size": 4, "kl_mult": {"head": 64}}, "vtrans")
+    assert s.kl_mult == {"head": 64.0} and s.threshold is None
 
 
 @pytest.mark.parametrize("arch", ["bert_micro", "gpt2_micro", "llama_micro"])

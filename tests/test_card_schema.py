@@ -172,3 +172,31 @@ def test_ls_and_validate_print_the_declared_options(capsys):
         assert f"  {key} " in out, key
     assert main(["validate", "--table", "upop_deit", "--options"]) == 0
     assert "method_options.somp" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("data, needles", [
+    ({"num_classes": 12}, ["12 classes", "10 outputs", "model_config.num_classes: 12"]),
+    ({"image_size": 48}, ["48x48 image does not fit the model", "data.image_size"]),
+])
+def test_data_that_does_not_fit_the_model_is_refused_before_any_cell(own_cards, capsys, tmp_path, data, needles):
+    card = _copy("upop_deit", "misfit")
+    card["profiles"]["micro"]["data"] = {"train_per_class": 4, "val_per_class": 2, **data}
+    name = _write(own_cards, card)
+    _fails(capsys, ["run", "--table", name, "--methods", "dense"], *needles, out_dir=tmp_path / "out")
+
+
+def test_the_documented_key_lists_are_generated_from_the_current_schema():
+    """README.md and docs/card_keys.md hold `python -m bench keys` output: rerun `bench keys --write` after a change."""
+    from bench import keys_doc
+    for rel, with_plugins in keys_doc.DOC_FILES.items():
+        path = keys_doc.ROOT / rel
+        assert path.read_text() == keys_doc.rendered(path, with_plugins), f"{rel} is stale: run python -m bench keys --write"
+
+
+def test_the_readme_example_card_validates(own_cards):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    text = readme.split("# ~/cards/my_flowers.yaml\n", 1)[1].split("```", 1)[0]
+    (own_cards / "my_flowers.yaml").write_text(text)
+    assert validate_card(load_card("my_flowers")) == []
+    card = parse_card(load_card("my_flowers"))
+    assert card.profiles["mine"].source("mine") == "folder" and card.references is None

@@ -126,11 +126,9 @@ class TaskAdapter:
         if data_root is None:
             import os
             data_root = os.environ.get("BENCH_DATA") or "."
-        # the profile's `data:` block as the task's typed Data block (a plain dict for tasks that declare none)
-        from bench.options import OptionsModel, parse_block
-        self.settings = settings if isinstance(settings, OptionsModel) else (
-            parse_block(type(self).Data, settings or {}, "data") if type(self).Data is not NoOptions
-            else dict(settings or {}))
+        # the profile's `data:` block as the task's typed Data block (every key known, typed, defaults filled in)
+        from bench.options import parse_block
+        self.settings = settings if isinstance(settings, OptionsModel) else parse_block(type(self).Data, settings, "data")
         self.data_root = Path(data_root)
         self.profile = profile
         self.cache_dir = Path(cache_dir)
@@ -175,8 +173,7 @@ class TaskAdapter:
 
     def fingerprint(self) -> dict:
         """What identifies the data for caching (layout version, sizes, generator seed)."""
-        settings = self.settings.to_dict() if isinstance(self.settings, OptionsModel) else self.settings
-        return {"task": self.name, "profile": self.profile, "settings": settings}
+        return {"task": self.name, "profile": self.profile, "settings": self.settings.to_dict()}
 
 
 @dataclass

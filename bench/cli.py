@@ -1,4 +1,4 @@
-"""`python -m bench ...`: ls, validate, run, report, flops, speed, compare. Unknown names exit with code 2
+"""`python -m bench ...`: ls, validate, run, status, report, flops, speed, compare. Unknown names exit with code 2
 and a "did you mean" hint, never a traceback."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from bench.errors import BenchError, UnknownName
 
-COMMANDS = ("ls", "validate", "run", "report", "flops", "speed", "compare", "keys")
+COMMANDS = ("ls", "validate", "run", "status", "report", "flops", "plan", "speed", "compare", "keys")
 LS_KINDS = ("tables", "tasks", "methods", "models", "recipe")
 
 
@@ -39,6 +39,48 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--cache", help="micro data and dense models (default $BENCH_CACHE)")
     s.add_argument("-k", dest="keyword", help="pytest -k expression selecting cells, e.g. 'sgmp and 2.00x'")
     s.add_argument("-s", "--show-log", action="store_true", help="print training logs as they happen")
+    s.add_argument("--checkpoint-every-steps", type=int, default=0, metavar="N",
+                   help="write a training-state checkpoint every N optimizer steps of each training phase, so a "
+                        "killed cell resumes inside it (default 0: off; not part of any config hash)")
+    s.add_argument("--checkpoint-every-minutes", type=float, default=0.0, metavar="M",
+                   help="the same every M minutes (default 0: off); both may be given")
+    s.add_argument("--quiet", action="store_true", help="no progress lines while a training phase runs")
+    g = s.add_argument_group("many cells: workers and launchers (README: \"Many cells\")")
+    g.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="run the cells in N pytest-xdist worker processes, one GPU each when CUDA is there, else "
+                        "the CPU cores split between them (default 1); with --launcher local: jobs computing at "
+                        "once; with --launcher slurm: array jobs running at once (default: no limit)")
+    g.add_argument("--launcher", choices=("local", "slurm"), default=None,
+                   help="one submitit job per cell: slurm (a job array on a Slurm cluster, requeued on pre-emption "
+                        "or time-out) or local (the same jobs on this machine). Default: cells run here, by pytest")
+    g.add_argument("--gpus-per-cell", type=int, default=1, metavar="G",
+                   help="GPUs of each cell's job (default 1; 0: CPU jobs); G > 1: data-parallel (needs issue 13)")
+    g.add_argument("--partition", help="slurm: partition (sbatch --partition)")
+    g.add_argument("--time", dest="time_limit", metavar="HH:MM",
+                   help="launchers: time limit of each job (HH:MM, D-HH:MM or minutes; slurm default 24:00); "
+                        "the job is requeued when it is reached and resumes from its training-state checkpoint")
+    g.add_argument("--account", help="slurm: account to charge (sbatch --account)")
+    g.add_argument("--qos", help="slurm: quality of service (sbatch --qos)")
+    g.add_argument("--mem", type=float, metavar="GB", help="slurm: memory per job in GB")
+    g.add_argument("--cpus-per-gpu", type=int, metavar="C", help="slurm: CPU cores per GPU (cpus-per-task = C x G)")
+    g.add_argument("--slurm-arg", action="append", metavar="KEY=VALUE",
+                   help="slurm: any other sbatch option, e.g. --slurm-arg constraint=a100 (repeatable)")
+    g.add_argument("--max-timeouts", type=int, default=10, metavar="N",
+                   help="launchers: requeues after reaching the time limit before giving up (default 10)")
+    g.add_argument("--wait", action=argparse.BooleanOptionalAction, default=None,
+                   help="launchers: wait for the jobs, then print the table (default: local waits, slurm does not)")
+
+    s = sub.add_parser("status", help="every cell of a table: done / running / queued / failed / not started, "
+                                      "with its job id")
+    s.add_argument("--table", required=True)
+    s.add_argument("--profile", default="micro")
+    s.add_argument("--output", help="the folder the run writes to (default $BENCH_OUTPUT or the cache)")
+    s.add_argument("--methods", help="comma-separated, default: the card's")
+    s.add_argument("--ratios", help="comma-separated ratio labels, default: the card's")
+    s.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    s.add_argument("--device", default="auto",
+                   help="cpu | cuda: the cells' device (default: the one of the table's records and jobs)")
+    s.add_argument("--json", action="store_true", help="one JSON object per cell instead of the table")
 
     s = sub.add_parser("report", help="print a table from stored records, without running")
     s.add_argument("--table", required=True)
@@ -52,6 +94,19 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--model", help="architecture name (see `ls models`)")
     g.add_argument("--table", help="the card's model of --profile")
     s.add_argument("--profile", default="paper")
+
+    s = sub.add_parser("plan", help="per cell: optimizer steps, training MACs, GPU-hours, peak memory and micro-batch, "
+                                    "counted on the meta device (nothing runs)")
+    s.add_argument("--table", required=True)
+    s.add_argument("--profile", default="paper")
+    s.add_argument("--methods", help="comma-separated, default: the card's")
+    s.add_argument("--ratios", help="comma-separated ratio labels, default: the card's")
+    s.add_argument("--gpus", default="1", help="data-parallel GPUs (default 1)")
+    s.add_argument("--gpu-memory", default="80", help="GiB per GPU (default 80: an 80GB A100)")
+    s.add_argument("--utilization", default="0.4", help="fraction of the peak the training reaches (default 0.4)")
+    s.add_argument("--gpu-tflops", default="312", help="peak dense bf16 TFLOPS per GPU (default 312: A100)")
+    s.add_argument("--train-size", help="training samples per epoch, instead of the task's public size")
+    s.add_argument("--phases", action="store_true", help="also one line per training phase with its details")
 
     s = sub.add_parser("speed", help="benchmark: measured throughput, dense vs pruned extraction, next to the FLOPs ratio")
     s.add_argument("--model", default="deit_small_patch16_224")
@@ -175,8 +230,16 @@ def cmd_run(args):
         raise BenchError(f"--data-root: profile {args.profile!r} reads no data (data_source: synthetic: its task "
                          f"generates a synthetic data set); use a profile with data_source: folder "
                          f"(e.g. --profile paper), or drop --data-root")
+    _check_many_cells_flags(args)
+    # a Slurm job's cells run on its GPU(s), whatever the machine that submits them has
+    if args.launcher and args.device == "auto" and args.gpus_per_cell == 0:
+        device = "cpu"
+    elif args.launcher == "slurm" and args.device in ("auto", "cuda"):
+        device = "cuda"
+    else:
+        device = resolve_device(args.device)
     # fail fast on bad names, missing or corrupt data and checkpoints before pytest starts (nothing is written)
-    cells = expand_cells(card, args.profile, args.methods, args.ratios, args.seeds, resolve_device(args.device))
+    cells = expand_cells(card, args.profile, args.methods, args.ratios, args.seeds, device)
     session = Session(Paths.resolve(args.data_root, args.checkpoints, args.cache, args.output))
     seen = set()
     for cell in cells:
@@ -184,6 +247,10 @@ def cmd_run(args):
         if key not in seen:
             seen.add(key)
             session.preflight(cell)
+    if args.checkpoint_every_steps < 0 or args.checkpoint_every_minutes < 0:
+        raise BenchError("--checkpoint-every-steps / --checkpoint-every-minutes: give a number >= 0 (0: off)")
+    if args.launcher:
+        return _run_jobs(args, card, cells, session.paths)
     pargs = [str(card_path(args.table)), "-p", "no:cacheprovider", "--noconftest", "-v", "--tb=short",
              "--rootdir", str(Path(card_path(args.table)).parent), "-o", "console_output_style=classic",
              "-W", "ignore::pytest.PytestAssertRewriteWarning",
@@ -195,7 +262,120 @@ def cmd_run(args):
             pargs += [opt, val]
     if args.show_log:
         pargs.append("-s")
+    if args.checkpoint_every_steps:
+        pargs += ["--bench-checkpoint-every-steps", str(args.checkpoint_every_steps)]
+    if args.checkpoint_every_minutes:
+        pargs += ["--bench-checkpoint-every-minutes", str(args.checkpoint_every_minutes)]
+    if args.quiet:
+        pargs.append("--bench-quiet")
+    from bench.workers import DEFAULT_WORKERS
+    workers = args.workers or DEFAULT_WORKERS
+    if workers > 1:   # pytest-xdist; the workers load the plugin by name (-p), this process gets it as an object
+        import os
+        pargs += ["-n", str(workers), "--dist", "load", "-p", "bench.pytest_plugin"]
+        if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
+            pargs += ["-p", "xdist.plugin"]
     return int(pytest.main(pargs, plugins=[pytest_plugin]))
+
+
+SLURM_ONLY = ("partition", "account", "qos", "mem", "cpus_per_gpu", "slurm_arg")
+
+
+def _check_many_cells_flags(args) -> None:
+    flag = lambda k: "--" + {"time_limit": "time"}.get(k, k).replace("_", "-")   # noqa: E731
+    if args.workers is not None and args.workers < 1:
+        raise BenchError(f"--workers {args.workers}: give a number of worker processes >= 1")
+    if args.gpus_per_cell < 0:
+        raise BenchError(f"--gpus-per-cell {args.gpus_per_cell}: give a number of GPUs >= 0")
+    if args.launcher != "slurm":
+        given = [flag(k) for k in SLURM_ONLY if getattr(args, k) is not None]
+        if given:
+            raise BenchError(f"{', '.join(given)}: only with --launcher slurm")
+    if not args.launcher:
+        if args.wait is not None or args.time_limit is not None:
+            raise BenchError(f"{'--time' if args.time_limit is not None else '--wait / --no-wait'}: only with "
+                             f"--launcher local or slurm")
+        if args.gpus_per_cell != 1:
+            raise BenchError("--gpus-per-cell: only with --launcher local or slurm (workers get one GPU each)")
+    else:
+        from bench.launch import parse_slurm_args, parse_time, require_distributed
+        parse_slurm_args(args.slurm_arg)
+        if args.time_limit is not None:
+            parse_time(args.time_limit)
+        require_distributed(args.gpus_per_cell)   # G > 1 needs bench.distributed: refused before anything is submitted
+    if (args.workers or 1) > 1 and not args.launcher:
+        import importlib.util
+        if importlib.util.find_spec("xdist") is None:
+            raise BenchError("--workers needs pytest-xdist: pip install pytest-xdist")
+
+
+def _run_jobs(args, card, cells, paths) -> int:
+    """`bench run --launcher local|slurm`: one submitit job per cell; local waits and prints the table."""
+    import time
+
+    from bench import launch
+    from bench.cards import card_dict
+    from bench.pytest_plugin import summarize
+    from bench.runner import reuse_record
+
+    t0 = time.perf_counter()
+    cells = launch.keyword_filter(cells, args.keyword)
+    if not cells:
+        raise BenchError(f"-k {args.keyword!r} selects no cell of {args.table}")
+    opts = launch.LaunchOptions(
+        launcher=args.launcher, gpus_per_cell=args.gpus_per_cell, partition=args.partition,
+        time_min=launch.parse_time(args.time_limit) if args.time_limit else None, account=args.account,
+        qos=args.qos, mem_gb=args.mem, cpus_per_gpu=args.cpus_per_gpu, max_parallel=args.workers,
+        max_timeouts=args.max_timeouts, slurm_args=launch.parse_slurm_args(args.slurm_arg))
+    train_options = {"checkpoint_every_steps": args.checkpoint_every_steps,
+                     "checkpoint_every_minutes": args.checkpoint_every_minutes, "quiet": args.quiet}
+    if args.launcher == "slurm" and not (args.checkpoint_every_steps or args.checkpoint_every_minutes):
+        train_options["checkpoint_every_minutes"] = 10.0   # a pre-empted job loses at most ~10 minutes
+        print("training-state checkpoints every 10 minutes (a requeued job resumes from the last one); "
+              "--checkpoint-every-minutes M to change")
+    submitted = launch.submit(cells, paths, opts, train_options)
+    wait = args.wait if args.wait is not None else args.launcher == "local"
+    if not wait:
+        if submitted:
+            print(f"follow them with: python -m bench status --table {args.table} --profile {args.profile}"
+                  + (f" --output {args.output}" if args.output else "")
+                  + f"; the table when they are done: python -m bench report --table {args.table} "
+                    f"--profile {args.profile}" + (f" --output {args.output}" if args.output else ""))
+        return 0
+    launch.wait(submitted)
+    recs = summarize(card_dict(card), paths, args.profile, print)
+    print(f"wall time: {time.perf_counter() - t0:.1f} s")
+    done = [reuse_record(paths.output, c) for c in cells]
+    return 0 if recs and all(r is not None and r["status"] in ("pass", "no_ref") for r in done) else 1
+
+
+def cmd_status(args):
+    from bench.config import Paths
+    from bench.launch import read_jobs
+    from bench.records import load_records
+    from bench.runner import expand_cells, load_checked_card, resolve_device
+    from bench.status import cell_states, format_rows
+
+    card = load_checked_card(args.table)
+    card.profile(args.profile)
+    paths = Paths.resolve(output=args.output)
+    device = args.device
+    if device == "auto":   # the device the table's cells were run or submitted with (it is part of their hash)
+        seen = {e.get("device") for e in read_jobs(paths.output, card.table).values() if e.get("profile") == args.profile}
+        seen |= {(r.get("config") or {}).get("device") for r in load_records(paths.output, card.table, args.profile)}
+        seen.discard(None)
+        device = seen.pop() if len(seen) == 1 else resolve_device("auto")
+    elif device not in ("cpu", "cuda"):
+        raise UnknownName("device", device, ["cpu", "cuda"])
+    cells = expand_cells(card, args.profile, args.methods, args.ratios, args.seeds, device)
+    rows = cell_states(cells, paths.output)
+    if args.json:
+        import json
+        for r in rows:
+            print(json.dumps(r))
+    else:
+        print(format_rows(rows, f"table {card.table}, {args.profile} profile ({device}), {paths.output / card.table}"))
+    return 0
 
 
 def cmd_report(args):
@@ -265,6 +445,24 @@ def cmd_flops(args):
         print(f"{name}{part['arch']}: params {res['params'] / 1e6:.2f} M ({res['params']:,})")
         for label, r in res["protocols"].items():
             print(f"  FLOPs {r['macs'] / 1e9:.2f} G ({r['macs']:,} MACs) [{label}] at input {r['input_spec']}")
+
+
+def cmd_plan(args):
+    from bench.plan import format_plan, plan_table
+
+    def number(flag, value, cast):
+        try:
+            return cast(value)
+        except (TypeError, ValueError):
+            raise BenchError(f"{flag}: {value!r} is not a {'whole ' if cast is int else ''}number") from None
+
+    plan = plan_table(args.table, args.profile, gpus=number("--gpus", args.gpus, int),
+                      gpu_memory=number("--gpu-memory", args.gpu_memory, float),
+                      utilization=number("--utilization", args.utilization, float),
+                      gpu_tflops=number("--gpu-tflops", args.gpu_tflops, float), methods=args.methods,
+                      ratios=args.ratios,
+                      train_size=number("--train-size", args.train_size, int) if args.train_size else None)
+    print(format_plan(plan, phases=args.phases))
 
 
 def _cards_using(arch: str) -> list:

@@ -24,10 +24,6 @@ class OptionsModel(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, protected_namespaces=())
 
-    def get(self, key: str, default: Any = None) -> Any:
-        """Dict-style read for code that treats blocks generically (reports, hashes)."""
-        return getattr(self, key, default)
-
     def to_dict(self) -> dict:
         """The block with every default filled in, as plain JSON-able data (hashes, records)."""
         return self.model_dump(mode="json")

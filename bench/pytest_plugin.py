@@ -7,9 +7,18 @@ A cell is PASSED (within the card's reference tolerance), FAILED (out of toleran
 broken: non-finite metric, ratio not reached), ERROR-as-FAILED (exception, NaN loss, OOM: the reason is
 shown and the other cells go on) or NO-REF (ran fine, the card has no reference for it). Finished cells
 are reused from their records.
+
+With pytest-xdist (`bench run --workers N`, or `pytest -n N -p bench.pytest_plugin ...`) the cells run in N
+worker processes: one GPU each when CUDA is there (`CUDA_VISIBLE_DEVICES` set from the worker's index before
+torch touches CUDA), otherwise the CPU cores split between them. Each cell is computed once (a lock per cell
+record: `bench.locks`), the dense model once (a lock on its cache folder); the table, CSV and plot are built
+once, on the controller, from the records on disk after the workers end; `-s` lines are prefixed `[gw0]`.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +28,8 @@ from bench import report
 from bench.cards import card_dict, load_card, table_dirs
 from bench.config import Paths
 from bench.records import load_records, table_dir
-from bench.runner import Session, expand_cells, load_checked_card, resolve_device, reuse_record, run_cell
+from bench.locks import run_cell_once
+from bench.runner import Session, expand_cells, load_checked_card, resolve_device
 
 STATUS_WORD = {"pass": "PASSED", "fail": "FAILED", "error": "FAILED", "no_ref": "NO-REF"}
 
@@ -35,6 +45,11 @@ def pytest_addoption(parser):
     g.addoption("--bench-data-root", default=None)
     g.addoption("--bench-checkpoints", default=None)
     g.addoption("--bench-cache", default=None)
+    g.addoption("--bench-checkpoint-every-steps", type=int, default=0,
+                help="training-state checkpoint every N optimizer steps of each training phase (0: off)")
+    g.addoption("--bench-checkpoint-every-minutes", type=float, default=0.0,
+                help="training-state checkpoint every M minutes of each training phase (0: off)")
+    g.addoption("--bench-quiet", action="store_true", help="no progress lines while a training phase runs")
 
 
 def pytest_configure(config):
@@ -43,19 +58,92 @@ def pytest_configure(config):
     config._bench_paths = Paths.resolve(config.getoption("--bench-data-root"), config.getoption("--bench-checkpoints"),
                                         config.getoption("--bench-cache"), config.getoption("--bench-output"))
     config._bench_session = None
+    _configure_xdist(config)
     from bench.registry import METHODS
     for m in METHODS.names():   # every method is a marker: -m somp
         config.addinivalue_line("markers", f"{m}: cells of method {m}")
 
 
+def _worker_id(config) -> str | None:
+    """The pytest-xdist worker id (gw0, gw1, ...) in a worker process, None in the controller or a serial run."""
+    wi = getattr(config, "workerinput", None)
+    return wi.get("workerid") if wi else None
+
+
+def _is_xdist_controller(config) -> bool:
+    return _worker_id(config) is None and bool(getattr(config.option, "numprocesses", None)) \
+        and not getattr(config.option, "collectonly", False)
+
+
+def _configure_xdist(config) -> None:
+    """Controller: the GPUs the workers share out (BENCH_WORKER_GPUS, inherited by the workers). Worker: its GPU
+    (CUDA_VISIBLE_DEVICES, before anything initialises CUDA in this process) or its share of the CPU threads."""
+    from bench.workers import gpus_for, pin_gpus, share_cpu, visible_gpus
+    wid = _worker_id(config)
+    if wid is None:
+        if _is_xdist_controller(config) and "BENCH_WORKER_GPUS" not in os.environ \
+                and config.getoption("--bench-device") in ("auto", "cuda"):
+            os.environ["BENCH_WORKER_GPUS"] = ",".join(visible_gpus())
+        return
+    n = int(config.workerinput.get("workercount") or os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    index = int(wid[2:]) if wid[2:].isdigit() else 0
+    gpus = [g for g in os.environ.get("BENCH_WORKER_GPUS", "").split(",") if g]
+    if gpus and config.getoption("--bench-device") in ("auto", "cuda"):
+        pin_gpus(gpus_for(index, gpus))   # more workers than GPUs: they share
+    else:
+        share_cpu(n)
+    if config.getoption("capture") == "no" and not isinstance(sys.stderr, _Prefixed):
+        # -s: a worker's stdout does not reach the terminal, its stderr does: every line it writes there (logs,
+        # progress lines, warnings) starts with its id; not a tty, so progress is plain lines, not live bars
+        sys.stderr = _Prefixed(sys.stderr, f"[{wid}] ")
+
+
+class _Prefixed:
+    """A text stream that starts every line with `prefix` (and says it is not a terminal)."""
+
+    def __init__(self, stream, prefix: str):
+        self._stream, self._prefix, self._bol = stream, prefix, True
+
+    def write(self, text: str) -> int:
+        out = []
+        for piece in text.splitlines(keepends=True):
+            if self._bol:
+                out.append(self._prefix)
+            out.append(piece)
+            self._bol = piece.endswith(("\n", "\r"))
+        self._stream.write("".join(out))
+        return len(text)
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _worker_write(config, text: str) -> None:
+    """A line on a worker's stderr, with the worker id in front."""
+    stream = sys.stderr
+    stream.write(text if isinstance(stream, _Prefixed) else f"[{_worker_id(config)}] {text}")
+    stream.flush()
+
+
 def _session(config):
     if config._bench_session is None:
         tr = config.pluginmanager.get_plugin("terminalreporter")
+        wid = _worker_id(config)
 
         def log(msg):
-            if tr is not None and config.getoption("capture") == "no":
+            if config.getoption("capture") != "no":
+                return
+            if wid is not None:   # a worker's stdout does not reach the terminal; its stderr does
+                _worker_write(config, f"  {msg}\n")
+            elif tr is not None:
                 tr.write_line(f"  {msg}")
-        config._bench_session = Session(config._bench_paths, log=log)
+        config._bench_session = Session(config._bench_paths, log=log,
+                                        checkpoint_every_steps=config.getoption("--bench-checkpoint-every-steps"),
+                                        checkpoint_every_minutes=config.getoption("--bench-checkpoint-every-minutes"),
+                                        quiet=config.getoption("--bench-quiet"))
     return config._bench_session
 
 
@@ -81,6 +169,23 @@ class CellFailed(Exception):
     pass
 
 
+def _announce(item) -> None:
+    """"[3/13] somp-2x-seed0" on the terminal when a cell starts computing (also while pytest captures output)."""
+    tr = item.config.pluginmanager.get_plugin("terminalreporter")
+    if tr is None:
+        return
+    items = item.session.items
+    pos = next((i for i, it in enumerate(items, 1) if it is item), 0)
+    capman = item.config.pluginmanager.get_plugin("capturemanager")
+    ctx = capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
+    with ctx:
+        wid = _worker_id(item.config)
+        if wid is not None:   # an xdist worker: stdout does not reach the terminal, stderr does
+            _worker_write(item.config, f"[{pos}/{len(items)}] {item.cell['cell_id']}\n")
+        else:
+            tr.write_line(f"[{pos}/{len(items)}] {item.cell['cell_id']}")
+
+
 class CellItem(pytest.Item):
     def __init__(self, *, cell, **kw):
         super().__init__(**kw)
@@ -89,10 +194,10 @@ class CellItem(pytest.Item):
 
     def runtest(self):
         session = _session(self.config)
-        rec = reuse_record(session.paths.output, self.cell)
-        reused = rec is not None
+        # a finished record is reused; otherwise the cell's lock is taken (another worker, run or job computing
+        # it is waited for, and its record reused) and the cell is run
+        rec, reused = run_cell_once(self.cell, session, on_start=lambda: _announce(self))
         if not reused:
-            rec = run_cell(self.cell, session)
             _write_outputs(self.config, self.cell["table"])
         self.user_properties += [("bench_status", rec["status"]), ("bench_reused", reused)]
         if rec["status"] in ("fail", "error"):
@@ -146,29 +251,56 @@ def _write_outputs(config, table):
     return recs
 
 
+def _cards_from_args(config) -> dict:
+    """The cards named on the command line (files or folders of cards), for the xdist controller: it collects
+    nothing itself (its workers do), but builds the table once from the records they wrote."""
+    dirs = {d.resolve() for d in table_dirs()}
+    files = []
+    for arg in config.args:
+        p = Path(str(arg).split("::")[0])
+        if not p.is_absolute():
+            p = Path(config.invocation_params.dir) / p
+        files += sorted(p.glob("*.yaml")) if p.is_dir() else [p]
+    out = {}
+    for f in files:
+        if f.suffix == ".yaml" and f.parent.resolve() in dirs:
+            card = load_checked_card(f.stem)
+            out[card.table] = card_dict(card)
+    return out
+
+
+def summarize(card: dict, paths: Paths, profile: str, write_line, section=None) -> list:
+    """Write the leaderboard CSV and the plot of `card` from its records and print the table (the end of a
+    run: serial, xdist controller, or `bench run --launcher local`). Returns the records."""
+    table = card["table"]
+    recs = _records_for(card, paths, profile)
+    if not recs:
+        return recs
+    folder = table_dir(paths.output, table)
+    report.write_leaderboard_csv(card, recs, folder / report.leaderboard_filename(card, recs))
+    png = folder / f"{table}-{profile}.png"
+    report.plot(card, recs, png)
+    (section or (lambda title: write_line(f"=== {title} ===")))(f"{card['title']} [{profile} profile]")
+    write_line(report.render_table(card, recs, "terminal"))
+    rel = report.format_relations(report.relation_checks(card, recs))
+    if rel:
+        write_line(rel)
+    ret = report.retention_summary(card, recs)
+    if ret:
+        write_line(ret)
+    write_line(f"records: {folder / 'records'}")
+    write_line(f"leaderboard CSV: {folder / report.leaderboard_filename(card, recs)}")
+    write_line(f"plot: {png}")
+    return recs
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if config.option.collectonly:
+    if config.option.collectonly or _worker_id(config) is not None:   # workers: the controller summarizes
         return
-    for table, card in config._bench_tables.items():
-        recs = _write_outputs(config, table)
-        if not recs:
-            continue
-        folder = table_dir(config._bench_paths.output, table)
-        png = folder / f"{table}-{config.getoption('--bench-profile')}.png"
-        report.plot(card, recs, png)
-        tr = terminalreporter
-        tr.section(f"{card['title']} [{config.getoption('--bench-profile')} profile]")
-        tr.write_line(report.render_table(card, recs, "terminal"))
-        rel = report.format_relations(report.relation_checks(card, recs))
-        if rel:
-            tr.write_line(rel)
-        ret = report.retention_summary(card, recs)
-        if ret:
-            tr.write_line(ret)
-        tr.write_line(f"records: {folder / 'records'}")
-        tr.write_line(f"leaderboard CSV: {folder / report.leaderboard_filename(card, recs)}")
-        tr.write_line(f"plot: {png}")
+    tables = config._bench_tables or (_cards_from_args(config) if _is_xdist_controller(config) else {})
     tr = terminalreporter
+    for card in tables.values():
+        summarize(card, config._bench_paths, config.getoption("--bench-profile"), tr.write_line, tr.section)
     tr.write_line(f"wall time: {time.perf_counter() - config._bench_t0:.1f} s")
 
 

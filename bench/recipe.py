@@ -26,6 +26,14 @@ class TrainRecipe(OptionsModel):
     epochs: NonNegFloat = Field(description="passes over the training split (0: no training; fractions allowed)")
     lr: PositiveFloat = Field(description="peak learning rate (a number: write 1.0e-3, not 1e-3, which YAML reads as text)")
     batch_size: PositiveInt = Field(description="samples per optimizer step (the effective batch)")
+    micro_batch_size: PositiveInt | None = Field(
+        None, description="samples per forward/backward; batch_size / micro_batch_size micro-batches are accumulated "
+                          "into each optimizer step, so steps and schedule stay the card's (none: = batch_size, no "
+                          "accumulation; must divide batch_size)")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA (fp32 where the GPU has no bf16), fp32 on CPU; bf16: "
+                            "torch.autocast bfloat16 (CPU too); fp16: autocast float16 with a GradScaler (CUDA only); "
+                            "fp32: no autocast")
     # optimizer
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw (DeiT, BLIP, UPop) or sgd with momentum (Segmenter)")
     weight_decay: NonNegFloat = Field(0.05, description="decoupled (AdamW) or L2 (SGD) weight decay")
@@ -72,6 +80,9 @@ class TrainRecipe(OptionsModel):
             raise ValueError(f"crop_scale must be 0 < low <= high <= 1, got {self.crop_scale}")
         if self.label_smoothing >= 1:
             raise ValueError("label_smoothing must be below 1")
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size {self.micro_batch_size} does not divide batch_size {self.batch_size} "
+                             f"(batch_size is the effective batch: give a micro_batch_size that divides it)")
         return self
 
     def changed_keys(self) -> set:

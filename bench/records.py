@@ -30,9 +30,18 @@ Record schema (RECORD_VERSION 1); every key is always present, values may be nul
               "total_s": float},
   "retention": [{"group": str, "kind": str, "layer": int, "modality": str, "kept": int, "size": int}],
   "method_info": dict,                                 # schedules, residuals... what the method logged
+  "training": {phase: {"steps": int, "precision": str, "micro_batch_size": int, "accumulation_steps": int,
+                       "seconds": float, "resumed_from_step": int|null}},   # dense, the method's, finetune
   "env": {"torch": str, "timm": str, "transformers": str|null, "open_clip": str|null, "bench_version": str,
-          "git_sha": str|null, "device_name": str, "cuda": str|null, "python": str, "cpu_threads": int}
+          "git_sha": str|null, "device_name": str, "cuda": str|null, "python": str, "cpu_threads": int},
+  "runner": {"pid": int, "host": str, "worker": str|null,   # who computed it: the pytest-xdist worker (gw0, ...),
+             "job_id": str|null, "launcher": str|null}      # the Slurm / submitit job, "xdist" / "local" / "slurm"
 }
+
+Next to a record, while its cell is computed (bench.locks):
+    <output>/<table>/records/<hash>.lock        the cell lock (flock: released by the OS when its holder dies)
+    <output>/<table>/records/<hash>.owner       JSON: who holds it (pid, host, worker, job id, since)
+    <output>/<table>/jobs.json                  the launcher's jobs per cell (`bench run --launcher local|slurm`)
 """
 from __future__ import annotations
 

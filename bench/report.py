@@ -17,6 +17,7 @@ import math
 import os
 import re
 import statistics
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -467,7 +468,7 @@ def _csv_value(v) -> str:
 def _atomic_write_bytes(path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")   # unique: writers may race
     try:
         with open(tmp, "wb") as f:
             f.write(data)

@@ -19,7 +19,6 @@ import torch
 
 from bench import measure
 from bench.api import CellContext, RatioSpec
-from bench.api import NoOptions
 from bench.cards import DENSE_RATIO, REFERENCE_ROW_KEYS, load_card, load_checked_card, parse_card, within  # noqa: F401
 from bench.options import parse_block
 from bench.recipe import TrainRecipe
@@ -110,7 +109,7 @@ def expand_cells(card, profile: str, methods=None, ratios=None, seeds=None, devi
         task_cfg = getattr(task_cls, "model_config_overrides", None) or {}
         model_cfg = {**arch_cfg, **task_cfg, **prof.config_overrides}
         metrics = [m.to_dict() for m in card.metrics if (m.task or part["task"]) == part["task"]]
-        data = _block(task_cls.Data, prof.data, f"{where}.data") if task_cls.Data is not NoOptions else dict(prof.data)
+        data = _block(task_cls.Data, prof.data, f"{where}.data")
         for m in sorted(methods, key=lambda m: (m != "dense", card.methods.index(m))):
             method = METHODS.get(m)
             skey = method.settings_key or m
@@ -128,11 +127,12 @@ def expand_cells(card, profile: str, methods=None, ratios=None, seeds=None, devi
                         "dense_training": prof.dense.to_dict() if prof.dense else None,
                         "method": m,
                         "method_options": _block(method.Options, card.method_options.get(m), f"method_options.{m}"),
-                        "method_settings": _block(method.Settings, prof.method_settings.get(skey), f"{where}.{skey}"),
+                        "method_settings": _block(method.Settings, prof.method_settings_for(skey, r["label"]),
+                                                  f"{where}.{skey}"),
                         "ratio": {"label": str(r["label"]), "p": float(r["p"])},
                         "ratio_meaning": card.ratio_meaning,
-                        "finetune": (prof.finetune.to_dict() if prof.finetune and (method.finetune or method.uses_finetune_budget)
-                                     else None),
+                        "finetune": (prof.finetune_for(r["label"]).to_dict()
+                                     if prof.finetune and (method.finetune or method.uses_finetune_budget) else None),
                         "seed": seed, "device": device,
                         "protocol": {"flops": card.protocol.flops.to_dict(), "throughput": throughput},
                     }
@@ -163,10 +163,15 @@ def task_profile(cfg) -> str:
 class Session:
     """Shared state of one run: paths, the loaded tasks and dense models (cached on disk by hash)."""
 
-    def __init__(self, paths: Paths, log=print):
+    def __init__(self, paths: Paths, log=print, checkpoint_every_steps: int = 0, checkpoint_every_minutes: float = 0.0,
+                 quiet: bool = False):
         self.paths = paths
         self.log = log
         self._tasks: dict = {}
+        # training-state checkpoints inside a phase (bench.train_state) and progress lines (bench.progress):
+        # how the run is carried out, not what it computes, so they are not in any config hash
+        self.train_options = {"state_every_steps": checkpoint_every_steps,
+                              "state_every_minutes": checkpoint_every_minutes, "quiet": quiet}
 
     def task(self, cfg):
         key = (cfg["task"], cfg["profile"], config_hash(cfg["data"]))
@@ -242,17 +247,44 @@ class Session:
             tag, what = "scratch", f"training the dense {cfg['model']} from scratch"
         folder = self.paths.cache / "dense" / f"{cfg['model']}-{config_hash(key)}"
         from safetensors.torch import load_file, save_file
-        if (folder / "model.safetensors").is_file():
-            model.load_state_dict(load_file(str(folder / "model.safetensors")))
-            return adapter, model.to(device).eval(), {"dense_s": 0.0, "model_tag": tag}
-        self.log(f"{what} (cached for later cells and runs)")
-        stats = train(model, task, device=device, seed=cfg["seed"], log=self.log, adapter=adapter, **recipe)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".model.safetensors.{uuid.uuid4().hex}.tmp"   # unique: concurrent runs may write at once
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-        write_json_atomic(folder / "training.json", {"key": key, "stats": stats})
-        tmp.replace(folder / "model.safetensors")
-        return adapter, model.eval(), {"dense_s": stats["seconds"], "model_tag": tag}
+
+        from bench.locks import held, lock_path_for
+        # one process trains a dense model (xdist workers, concurrent runs, cluster jobs): the others wait here,
+        # then load what it cached
+        with held(lock_path_for(folder), f"the dense model {folder.name}", log=self.log, write_owner=True):
+            if (folder / "model.safetensors").is_file():
+                model.load_state_dict(load_file(str(folder / "model.safetensors")))
+                return adapter, model.to(device).eval(), {"dense_s": 0.0, "model_tag": tag,
+                                                          "training": _cached_training(folder)}
+            self.log(f"{what} (cached for later cells and runs)")
+            stats = train(model, task, device=device, seed=cfg["seed"], log=self.log, adapter=adapter, phase="dense",
+                          state_dir=folder / "train_state", **self.train_options, **recipe)
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".model.safetensors.{uuid.uuid4().hex}.tmp"   # unique: concurrent runs may write at once
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+            write_json_atomic(folder / "training.json", {"key": key, "stats": stats})
+            tmp.replace(folder / "model.safetensors")
+        return adapter, model.eval(), {"dense_s": stats["seconds"], "model_tag": tag,
+                                       "training": training_summary(stats)}
+
+
+TRAINING_SUMMARY_KEYS = ("steps", "precision", "micro_batch_size", "accumulation_steps", "seconds",
+                         "resumed_from_step")
+
+
+def training_summary(stats: dict) -> dict:
+    """What the record's `training` entry keeps of a phase's train() stats."""
+    return {k: stats[k] for k in TRAINING_SUMMARY_KEYS if k in stats}
+
+
+def _cached_training(folder: Path) -> dict | None:
+    """The training summary of a cached dense model (its training.json), marked cached."""
+    import json
+    try:
+        stats = json.loads((folder / "training.json").read_text())["stats"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {**training_summary(stats), "cached": True}
 
 
 def _quiet(adapter) -> dict:
@@ -295,6 +327,8 @@ def run_cell(cfg: dict, session: Session) -> dict:
         session.log(traceback.format_exc())
         record.update(status="error", reason=f"{type(e).__name__}: {e}")
     record["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
+    from bench.locks import runner_identity
+    record["runner"] = runner_identity()   # pid, host, xdist worker, job id: who computed it
     write_record(session.paths.output, record)
     return record
 
@@ -315,6 +349,7 @@ def _empty_record(cfg):
         "params": None, "flops": None, "speed": None, "memory": None, "reference": None,
         "timings": {"dense_s": 0.0, "prune_s": 0.0, "finetune_s": 0.0, "eval_s": 0.0, "measure_s": 0.0, "total_s": 0.0},
         "retention": [], "method_info": {}, "env": measure.env_info(),
+        "training": {},   # per training phase (dense, the method's, finetune): precision, micro-batch, accumulation
     }
 
 
@@ -324,6 +359,8 @@ def _run_cell(cfg, session: Session, record: dict):
     adapter, model, dense_info = session.dense_model(cfg, task, device)
     record["model_tag"] = dense_info["model_tag"]
     record["timings"]["dense_s"] = round(dense_info["dense_s"], 3)
+    if dense_info.get("training"):
+        record["training"]["dense"] = dense_info["training"]
     dense_params = measure.count_params(model)
     flop_forwards = task.flops_forwards(cfg["model_config"], device)   # count_macs works on any device
     dense_macs = _count_protocols(model, flop_forwards)
@@ -337,12 +374,27 @@ def _run_cell(cfg, session: Session, record: dict):
     settings = {"finetune": finetune,
                 "method": parse_block(method_cls.Settings, cfg["method_settings"], f"{cfg['profile']}.{cfg['method']}")}
     trainer = functools.partial(train, task=task, device=device, seed=cfg["seed"], log=session.log, adapter=adapter)
+    state_root = cell_dir(session.paths.output, cfg["table"], cfg["hash"]) / "train_state"
+    method_calls = []
+
+    def method_train(m, **kw):
+        """ctx.train: a method's training phase `<method>` (`<method>2`, ... for later calls). It is resumable
+        when the method passes state_hooks (which save what the training state does not hold: its masks,
+        importance); without them it runs without checkpoints, as resuming would lose the method's state."""
+        method_calls.append(1)
+        phase = kw.pop("phase", None) or cfg["method"] + (str(len(method_calls)) if len(method_calls) > 1 else "")
+        opts = dict(session.train_options)
+        if kw.get("state_hooks") is not None:
+            opts["state_dir"] = state_root / phase
+        stats = trainer(m, phase=phase, **{**opts, **kw})
+        record["training"][phase] = training_summary(stats)
+        return stats
     structure = adapter.structure(model)
     ctx = CellContext(model=model, adapter=adapter, structure=structure, task=task,
                       ratio=RatioSpec(cfg["ratio"]["label"], cfg["ratio"]["p"], cfg["ratio_meaning"]),
                       options=parse_block(method_cls.Options, cfg["method_options"], f"method_options.{cfg['method']}"),
                       settings=settings, device=device, seed=cfg["seed"],
-                      train=lambda m, **kw: trainer(m, **kw), log=session.log)
+                      train=method_train, log=session.log)
     method = method_cls()
     t = time.perf_counter()
     keep = method.prune(ctx)
@@ -361,8 +413,10 @@ def _run_cell(cfg, session: Session, record: dict):
     # finetune as the card says
     if method.finetune and cfg["finetune"]:
         t = time.perf_counter()
-        record["method_info"]["finetune"] = train(model, task, device=device, seed=cfg["seed"] + 1000,
-                                                  log=session.log, adapter=adapter, **cfg["finetune"])
+        stats = train(model, task, device=device, seed=cfg["seed"] + 1000, log=session.log, adapter=adapter,
+                      phase="finetune", state_dir=state_root / "finetune", **session.train_options, **cfg["finetune"])
+        record["method_info"]["finetune"] = stats
+        record["training"]["finetune"] = training_summary(stats)
         record["timings"]["finetune_s"] = round(time.perf_counter() - t, 3)
     save_manifest(cell_dir(session.paths.output, cfg["table"], cfg["hash"]), model, cfg["model"],
                   cfg["model_config"], structure, keep, ctx.extract_options,

@@ -109,6 +109,24 @@ class Profile(OptionsModel):
     finetune: TrainRecipe | None = Field(None, description="the finetune after pruning (recipe keys: bench ls recipe)")
     throughput: ThroughputOverride | None = Field(None, description="overrides of protocol.throughput for this profile")
     method_settings: dict[str, dict] = Field({}, description="per-method budgets, written as `<method>: {...}` keys")
+    per_ratio: dict[str, dict[str, dict]] = Field(
+        {}, description="budgets that differ by ratio: {ratio label: {finetune or a method's block: the keys that "
+                        "change}} (UPop NLVR2: 2x 15, 3x 20, 4x 23, 5x 24, 10x 27 search + retrain epochs)")
+
+    @field_validator("per_ratio", mode="before")
+    @classmethod
+    def _ratio_keys_as_text(cls, v):
+        return {str(k): b for k, b in v.items()} if isinstance(v, dict) else v
+
+    def finetune_for(self, label: str) -> TrainRecipe | None:
+        """The finetune recipe of one ratio (the profile's, with that ratio's per_ratio changes)."""
+        change = (self.per_ratio.get(label) or {}).get("finetune")
+        return self.finetune.with_(**change) if change and self.finetune else self.finetune
+
+    def method_settings_for(self, key: str, label: str) -> dict | None:
+        """A method's settings block for one ratio, as written (validated by the method's Settings class)."""
+        base, change = self.method_settings.get(key), (self.per_ratio.get(label) or {}).get(key)
+        return {**(base or {}), **change} if change else base
 
     @field_validator("ratios", mode="before")
     @classmethod
@@ -334,6 +352,23 @@ def check_against_registry(card: Card) -> list:
             required = [f for f, fi in settings_cls.model_fields.items() if fi.is_required()]
             if required and key not in prof.method_settings:
                 errs.append(f"{where}.{key}: missing (method {m} needs {', '.join(required)})")
+        for lab, blocks in prof.per_ratio.items():
+            w = f"{where}.per_ratio.{lab}"
+            if lab not in labels:
+                errs.append(f"{w}: {lab!r} is not a ratio label of this card ({sorted(labels)})")
+                continue
+            for key, change in blocks.items():
+                if key == "finetune":
+                    if prof.finetune is None:
+                        errs.append(f"{w}.finetune: the profile has no finetune block to change")
+                    else:
+                        errs += block_errors(TrainRecipe, {**prof.finetune.model_dump(), **change}, f"{w}.finetune")
+                elif key in settings_of:
+                    errs += block_errors(METHODS.get(settings_of[key]).Settings,
+                                         prof.method_settings_for(key, lab), f"{w}.{key}")
+                else:
+                    errs.append(f"{w}.{key}: neither finetune nor the settings of a method of this card "
+                                f"({', '.join(sorted(settings_of))})")
         # every recipe key set must be implemented by the tasks and models that train with it
         for block_name, recipe in (("dense", prof.dense), ("finetune", prof.finetune)):
             if recipe is None:

@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -267,7 +268,7 @@ def save_manifest(directory, model: nn.Module, arch: str, config: dict, structur
     directory.mkdir(parents=True, exist_ok=True)
     keep = _check_keep(structure, keep)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp_w = directory / ".model.safetensors.tmp"
+    tmp_w = directory / f".model.safetensors.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"   # unique: writers may race
     save_file(state, str(tmp_w))
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -348,12 +349,16 @@ def write_json_atomic(path, obj) -> None:
     """Write JSON so that a crash (even kill -9) leaves either the old file or the new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=False, default=_json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")   # unique per process and call
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=False, default=_json_default)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _json_default(o):

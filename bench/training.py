@@ -9,7 +9,9 @@ model does not implement is refused before any step, never dropped.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 import time
 from collections.abc import Mapping
 from typing import Callable
@@ -144,20 +146,67 @@ def _apply_drop_path(model, adapter, rate: float):
     return undo
 
 
+def resolve_precision(precision: str, device) -> str:
+    """The precision a training runs in: auto is bf16 autocast on CUDA (fp32 on a GPU without bf16) and fp32
+    elsewhere; bf16 is allowed on CPU too; fp16 needs CUDA (its GradScaler)."""
+    dev = torch.device(device).type
+    if precision == "auto":
+        if dev == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "fp32"
+    if precision == "fp16" and dev != "cuda":
+        raise BenchError(f"training recipe: precision fp16 needs CUDA (float16 autocast with a GradScaler); on "
+                         f"{dev} set precision: bf16 or fp32 (or auto) in the dense/finetune block")
+    return precision
+
+
+def _grad_tensors_outside(model, params) -> list:
+    """Names of tensors that take gradients but are no parameter of the optimizer (a search method's activation
+    masks, `ModelAdapter.attach_unit_masks`)."""
+    ids = {id(p) for p in params}
+    return [f"{n}.{k}" if n else k for n, mod in model.named_modules() for k, v in vars(mod).items()
+            if isinstance(v, torch.Tensor) and v.requires_grad and id(v) not in ids]
+
+
 def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, seed: int,
           log: Callable[[str], None] | None = None, on_step: Callable[[int, int], None] | None = None,
-          extra_loss: Callable[[], torch.Tensor] | None = None, adapter=None, **recipe_fields) -> dict:
+          extra_loss: Callable[[], torch.Tensor] | None = None, adapter=None, phase: str = "train",
+          state_dir=None, state_every_steps: int | None = None, state_every_minutes: float | None = None,
+          state_hooks: tuple[Callable[[], object], Callable[[object], None]] | None = None, quiet: bool = False,
+          **recipe_fields) -> dict:
     """Train `model` on `task` as `recipe` says (or the recipe made of the keyword `recipe_fields`: epochs,
     lr, batch_size, ... as in a card's finetune block; an unknown key is a BenchError). `adapter` (the model's
     ModelAdapter) declares the no-decay tensors and implements drop_path. `on_step(step, total)` runs after
     every optimizer step (methods use it to prune gradually or keep masked weights at zero); `extra_loss()` is
-    added to the task loss (e.g. UPop's L1 term on its masks). Raises CellFailure on a non-finite loss, so the
-    cell is reported with that reason.
+    added to the task loss once per optimizer step (e.g. UPop's L1 term on its masks). Raises CellFailure on a
+    non-finite loss, so the cell is reported with that reason.
+
+    Precision (`recipe.precision`, see `resolve_precision`): bf16/fp16 run the task's loss under torch.autocast;
+    fp16 scales the loss with a GradScaler (and is refused when tensors outside the optimizer take gradients:
+    the scaler would leave their gradients scaled). Gradient accumulation (`recipe.micro_batch_size`): each
+    optimizer step draws batch_size / micro_batch_size micro-batches from `task.train_batches(micro_batch_size,
+    seed)`, back-propagates each loss divided by their number and adds `extra_loss()` undivided on the last
+    one, so the step's gradient is the full batch's mean loss + extra, as without accumulation; the steps,
+    the lr schedule (steps_per_epoch of the effective batch) and `on_step` are the card's.
+
+    Resume (`bench.train_state`): with `state_dir`, a training-state checkpoint of this `phase` is written there
+    every `state_every_steps` optimizer steps and/or `state_every_minutes` minutes (the last two kept); a
+    checkpoint found there at the start is resumed from ("resuming <phase> at step k/total from <file>"), and
+    the phase's checkpoints are removed when it finishes. `state_hooks=(get_state, set_state)` save and restore
+    the caller's own state (a method's masks and accumulated importance) with it. Progress (`bench.progress`):
+    a live line on a terminal, plain periodic lines through `log` otherwise, nothing with `quiet`.
 
     Returns {steps, epochs, final_loss (mean over the last epoch's steps), seconds, optimizer, lr_first,
-    lr_last, ...}."""
+    lr_last, precision, micro_batch_size, accumulation_steps, ...; resumed_from_step when resumed}."""
+    from bench.progress import Progress
+    from bench.train_state import TrainState, fingerprint, rng_state, set_rng_state
     recipe = as_recipe(recipe, **recipe_fields)
     check_recipe(recipe, task, adapter)
+    precision = resolve_precision(recipe.precision, device)
+    micro = recipe.micro_batch_size or recipe.batch_size
+    if recipe.batch_size % micro:      # a TrainRecipe refuses it already; a hand-made one too
+        raise BenchError(f"training recipe: micro_batch_size {micro} does not divide batch_size {recipe.batch_size}")
+    accum = recipe.batch_size // micro
     steps_per_epoch = task.steps_per_epoch(recipe.batch_size)
     total, _, _ = schedule_units(recipe, steps_per_epoch)
     groups = param_groups(model, recipe, adapter)
@@ -167,44 +216,112 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
         del g["names"]
     opt = make_optimizer(groups, recipe)
     params = [p for g in groups for p in g["params"]]
+    scaler = None
+    if precision == "fp16":
+        outside = _grad_tensors_outside(model, params)
+        if outside:
+            raise BenchError(f"training recipe: precision fp16 would leave the gradients of {len(outside)} tensors "
+                             f"outside the optimizer scaled by the GradScaler ({', '.join(outside[:3])}...: a "
+                             f"search method's masks); use precision: bf16")
+        scaler = torch.amp.GradScaler("cuda")
+    dev_type = torch.device(device).type
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = (lambda: torch.autocast(dev_type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
     undo = _apply_drop_path(model, adapter, recipe.drop_path) if recipe.drop_path is not None else None
     model.to(device).train()
     t0 = time.perf_counter()
     losses, lrs, clipped = [], [], 0
+    start, drawn, seconds_before, resumed = 0, 0, 0.0, {}
+    store = (TrainState(state_dir, phase, state_every_steps or 0, state_every_minutes or 0.0, log=log)
+             if state_dir is not None and total else None)
+    fp = (fingerprint(phase, recipe, total, steps_per_epoch, accum, seed, precision, dev_type)
+          if store is not None else None)
+    progress = None
     try:
-        batches = task.train_batches(recipe.batch_size, seed, recipe=recipe) if total else iter(())
-        for step in range(total):
+        batches = task.train_batches(micro, seed, recipe=recipe) if total else iter(())
+        found = store.latest(fp) if store is not None else None
+        if found is not None:
+            state, path = found
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            start, drawn = state["step"], state["batches_drawn"]
+            losses, lrs, clipped = list(state["losses"]), list(state["lrs"]), state["clipped"]
+            seconds_before = state["seconds"]
+            tr = time.perf_counter()
+            for _ in range(drawn):     # the iterator's position: made again from the seed, replayed
+                next(batches)
+            set_rng_state(state["rng"])
+            if state_hooks is not None:
+                state_hooks[1](state["hooks"])
+            resumed = {"resumed_from_step": start, "resume_replay_s": round(time.perf_counter() - tr, 3)}
+            msg = (f"resuming {phase} at step {start}/{total} from {path} (replayed {drawn} batches in "
+                   f"{resumed['resume_replay_s']:.1f} s)")
+            if log is not None:
+                log(msg)
+            else:
+                print(msg, file=sys.stderr, flush=True)
+        progress = Progress(phase, total, recipe.batch_size, log=log, quiet=quiet, start=start)
+        for step in range(start, total):
             cur = lr_at(step, recipe, steps_per_epoch)
             for g in opt.param_groups:
                 g["lr"] = cur
-            batch = next(batches)
-            loss = task.loss(model, batch, device, recipe=recipe)
-            if extra_loss is not None:
-                loss = loss + extra_loss()
-            if not torch.isfinite(loss):
-                raise CellFailure(f"non-finite loss ({loss.item()}) at step {step}/{total}")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            step_loss = 0.0
+            for i in range(accum):
+                batch = next(batches)
+                drawn += 1
+                with autocast():
+                    loss = task.loss(model, batch, device, recipe=recipe)
+                if accum > 1:
+                    loss = loss / accum
+                if extra_loss is not None and i == accum - 1:
+                    loss = loss + extra_loss()
+                if not torch.isfinite(loss):
+                    where = f" (micro-batch {i + 1}/{accum})" if accum > 1 else ""
+                    raise CellFailure(f"non-finite loss ({loss.item()}) at step {step}/{total}{where}")
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                step_loss += loss.item()
             if recipe.clip_grad is not None:
+                if scaler is not None:
+                    scaler.unscale_(opt)
                 norm = torch.nn.utils.clip_grad_norm_(params, recipe.clip_grad)
                 clipped += int(bool(norm > recipe.clip_grad))
-            opt.step()
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
             if on_step is not None:
                 on_step(step, total)
-            losses.append(loss.item())
+            losses.append(step_loss)
             lrs.append(cur)
             le = recipe.log_every
             if log and le and (step + 1) % le == 0:
-                log(f"step {step + 1}/{total} loss {sum(losses[-le:]) / le:.4f} lr {cur:.2e}")
+                progress.write(f"step {step + 1}/{total} loss {sum(losses[-le:]) / le:.4f} lr {cur:.2e}")
+            progress.update(step + 1, step_loss, cur)
+            if store is not None and store.due(step + 1, total):
+                store.save({"fingerprint": fp, "step": step + 1, "batches_drawn": drawn,
+                            "model": model.state_dict(), "optimizer": opt.state_dict(),
+                            "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_state(),
+                            "losses": losses, "lrs": lrs, "clipped": clipped,
+                            "seconds": seconds_before + time.perf_counter() - t0,
+                            "hooks": state_hooks[0]() if state_hooks is not None else None}, step + 1)
     finally:
+        if progress is not None:
+            progress.close()
         if undo is not None:
             undo()
+    if store is not None:
+        store.clear()
     model.eval()
     tail = losses[-max(1, steps_per_epoch):]
     stats = {"steps": total, "epochs": recipe.epochs, "final_loss": sum(tail) / len(tail) if tail else None,
-             "seconds": time.perf_counter() - t0, "optimizer": recipe.optimizer,
+             "seconds": seconds_before + time.perf_counter() - t0, "optimizer": recipe.optimizer,
              "lr_first": lrs[0] if lrs else None, "lr_last": lrs[-1] if lrs else None,
-             "param_groups": stats_groups}
+             "param_groups": stats_groups, "precision": precision, "micro_batch_size": micro,
+             "accumulation_steps": accum, **resumed}
     if recipe.clip_grad is not None:
         stats["clipped_steps"] = clipped
     if recipe.drop_path is not None:

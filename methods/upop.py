@@ -264,9 +264,26 @@ class UPop(Method):
                 for m in masks.values():
                     m.grad = None
 
+        def get_state():
+            """What a training-state checkpoint of the search must add (bench.train_state): the masks, their
+            accumulated gradients (the importance; no optimizer holds them) and the update history."""
+            return {"masks": {n: m.detach().clone() for n, m in masks.items()},
+                    "grads": {n: None if m.grad is None else m.grad.detach().clone() for n, m in masks.items()},
+                    "history": list(history), "kept_weight": kept_by_rule["weight"]}
+
+        def set_state(st):
+            with torch.no_grad():
+                for n, m in masks.items():
+                    m.copy_(st["masks"][n])
+                    g = st["grads"][n]
+                    m.grad = None if g is None else g.to(device=m.device, dtype=m.dtype)
+            history[:] = st["history"]
+            kept_by_rule["weight"] = st["kept_weight"]
+
         stats = ctx.train(ctx.model, epochs=s.search_epochs, lr=s.lr, min_lr=s.lr, warmup_epochs=0,
                           batch_size=s.batch_size, weight_decay=s.weight_decay,
-                          on_step=on_step, extra_loss=l1 if (w_attn or w_mlp) else None)
+                          on_step=on_step, extra_loss=l1 if (w_attn or w_mlp) else None,
+                          state_hooks=(get_state, set_state))
         final = {n: m.detach().cpu() for n, m in masks.items()}
         bad = [n for n, m in final.items() if not bool(((m == 0) | (m == 1)).all())]
         if bad:

@@ -135,3 +135,25 @@ def test_a_user_card_and_profile_run_end_to_end_on_an_image_folder(tmp_path):
     assert by["dense"]["model_tag"] == "scratch" and by["dense"]["config"]["data_source"] == "folder"
     assert by["dense"]["metrics"]["top1"] > 60.0, by["dense"]["metrics"]   # 3 classes: chance is 33
     assert by["somp"]["params"]["total"] < by["dense"]["params"]["total"]
+
+
+def test_per_ratio_budgets_resolve_into_each_cell():
+    """upop_nlvr2's paper profile: search and retrain 15/20/23/24/27 epochs at 2x/3x/4x/5x/10x (official scripts)."""
+    cells = expand_cells(load_card("upop_nlvr2"), "paper", methods="upop,somp")
+    got = {(c["method"], c["ratio"]["label"]): (c["finetune"]["epochs"], c["method_settings"].get("search_epochs"))
+           for c in cells}
+    for label, epochs in {"2x": 15, "3x": 20, "4x": 23, "5x": 24, "10x": 27}.items():
+        assert got[("upop", label)] == (epochs, epochs)
+        assert got[("somp", label)] == (epochs, None)
+
+
+def test_per_ratio_errors_name_their_path():
+    from bench.cards import validate_card
+    card = copy.deepcopy(load_card("upop_nlvr2"))
+    card["profiles"]["paper"]["per_ratio"] = {"7x": {"finetune": {"epochs": 3}},
+                                              "3x": {"finetune": {"epoch": 3}, "upopp": {"search_epochs": 1}}}
+    errs = validate_card(card)
+    for needle in ("profiles.paper.per_ratio.7x: '7x' is not a ratio label",
+                   "profiles.paper.per_ratio.3x.finetune.epoch: unknown key, did you mean epochs?",
+                   "profiles.paper.per_ratio.3x.upopp: neither finetune nor the settings of a method"):
+        assert any(needle in e for e in errs), errs

@@ -130,7 +130,7 @@ def scan_images(paths: Iterable, what: str, stamp: Path | None = None, workers: 
     if stamp is not None:
         try:
             Path(stamp).parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(stamp).with_name(f".{Path(stamp).name}.{os.getpid()}.tmp")
+            tmp = Path(stamp).with_name(f".{Path(stamp).name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
             tmp.write_text(sig)
             tmp.replace(stamp)
         except OSError:

@@ -75,7 +75,33 @@ def validate_card(raw: dict) -> list:
         if path and card.table != Path(path).stem:
             errs.append(f"table: {card.table!r} does not match the file name {path}")
         errs += check_against_registry(card)
+    else:   # the plugin blocks can still be checked one by one, so one pass lists every problem
+        errs += [e for e in _plugin_block_errors(raw) if e not in errs]
     return errs
+
+
+def _plugin_block_errors(raw: dict) -> list:
+    """The method options, method settings and task data blocks of a card that failed the structural check."""
+    from bench.options import block_errors
+    from bench.registry import METHODS, TASKS
+    errs = []
+    for m, opts in (raw.get("method_options") or {}).items() if isinstance(raw.get("method_options"), dict) else []:
+        if m in METHODS:
+            errs += block_errors(METHODS.get(m).Options, opts, f"method_options.{m}")
+    tasks = raw.get("tasks") if isinstance(raw.get("tasks"), list) else [raw.get("task")]
+    methods = [m for m in raw.get("methods") or [] if isinstance(m, str) and m in METHODS]
+    from bench.schema import Profile
+    settings_of = {k: m for m in methods if (k := METHODS.get(m).settings_key or m) not in Profile.model_fields}
+    for pname, prof in (raw.get("profiles") or {}).items() if isinstance(raw.get("profiles"), dict) else []:
+        if not isinstance(prof, dict):
+            continue
+        for t in tasks:
+            if isinstance(t, str) and t in TASKS:
+                errs += block_errors(TASKS.get(t).Data, prof.get("data"), f"profiles.{pname}.data")
+        for key, m in settings_of.items():
+            if key in prof:
+                errs += block_errors(METHODS.get(m).Settings, prof[key], f"profiles.{pname}.{key}")
+    return list(dict.fromkeys(errs))
 
 
 def parse_card(raw: dict) -> Card:

@@ -83,11 +83,12 @@ def test_validate_lists_every_problem_with_its_path(own_cards, capsys):
     card = _copy("upop_deit", "two_bad")
     card["profiles"]["micro"]["finetune"]["lr"] = "1e-3"
     card["ratios"][0]["p"] = 1.5
+    card["method_options"]["somp"]["nrom"] = "l1"    # a plugin block's problem is listed in the same pass
     name = _write(own_cards, card)
     assert main(["validate", "--table", name]) == 1
     out = capsys.readouterr().out
-    assert "two_bad: INVALID (2 problems)" in out
-    assert "profiles.micro.finetune.lr" in out and "ratios[0].p" in out
+    assert "two_bad: INVALID (3 problems)" in out
+    assert "profiles.micro.finetune.lr" in out and "ratios[0].p" in out and "method_options.somp.nrom" in out
 
 
 def test_upop_without_its_sparsity_weights_is_refused(own_cards, capsys):

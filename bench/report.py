@@ -14,12 +14,12 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import re
 import statistics
-import uuid
 from collections import Counter
 from pathlib import Path
+
+from bench.atomic import atomic_write
 
 # Fixed column order of the leaderboard CSV (shared/specs/anchors.md §3.4). Never reorder: append.
 LEADERBOARD_COLUMNS = [
@@ -466,19 +466,7 @@ def _csv_value(v) -> str:
 
 
 def _atomic_write_bytes(path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")   # unique: writers may race
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def leaderboard_csv_text(card: dict, records) -> str:

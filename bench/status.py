@@ -10,11 +10,12 @@ not started, from what is on disk (records, cell locks, jobs.json) and, for Slur
 """
 from __future__ import annotations
 
-import os
 import pickle
 import socket
 import subprocess
 from pathlib import Path
+
+from bench.atomic import pid_alive
 
 STATES = ("done", "running", "queued", "failed", "not started")
 SLURM_QUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESIZING", "SUSPENDED",
@@ -23,19 +24,9 @@ SLURM_RUNNING = {"RUNNING", "COMPLETING"}
 SLURM_FINISHED = {"COMPLETED"}
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _local_controller_alive(job_id: str) -> bool:
     """A local submitit job's id is the pid of its controller process (`python -m submitit.local._local`)."""
-    if not str(job_id).isdigit() or not _pid_alive(int(job_id)):
+    if not str(job_id).isdigit() or not pid_alive(int(job_id)):
         return False
     try:
         cmd = Path(f"/proc/{job_id}/cmdline").read_bytes()

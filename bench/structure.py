@@ -28,6 +28,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from bench.atomic import atomic_write
+
 from bench.errors import ManifestError
 
 UNIT_KINDS = ("head_dim", "head", "ffn", "hidden", "layer")
@@ -347,18 +349,7 @@ def load_manifest(directory, device="cpu"):
 
 def write_json_atomic(path, obj) -> None:
     """Write JSON so that a crash (even kill -9) leaves either the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")   # unique per process and call
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=False, default=_json_default)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda f: json.dump(obj, f, indent=1, sort_keys=False, default=_json_default), binary=False)
 
 
 def _json_default(o):

@@ -21,15 +21,15 @@ file, never half of one; the last `KEEP` are kept and the phase removes its own 
 """
 from __future__ import annotations
 
-import os
 import random
 import re
-import uuid
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+
+from bench.atomic import atomic_write
 
 STATE_VERSION = 1
 KEEP = 2
@@ -114,17 +114,7 @@ class TrainState:
 
     def save(self, state: dict, done: int) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
-        final = self.dir / f"{self.stem}-step{done:09d}.pt"
-        tmp = self.dir / f".{self.stem}-step{done:09d}.{uuid.uuid4().hex}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        final = atomic_write(self.dir / f"{self.stem}-step{done:09d}.pt", lambda f: torch.save(state, f))
         for _, old in self.files()[KEEP:]:
             old.unlink(missing_ok=True)
         self.t_last = self.clock()

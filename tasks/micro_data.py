@@ -10,17 +10,9 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
+from bench.atomic import pid_alive
+
 MARKER = "README.txt"   # every generator writes it last-but-not-least; a folder without it is not trusted
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def clean_stale_tmp(final: Path, max_age_s: float = 3600.0) -> None:

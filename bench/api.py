@@ -37,6 +37,9 @@ class ModelAdapter:
     UNIT_KINDS: tuple = ()          # unit kinds the family exposes
     MODALITIES: tuple = ("vision",)
     RECIPE_KEYS: frozenset = frozenset()   # model-side recipe keys (bench.recipe.MODEL_RECIPE_KEYS) it implements
+    VERSION: int = 1
+    """The adapter's code version, part of every cell's record hash: its author bumps it when a change alters
+    results (the architecture, the structure, checkpoint loading), so that no record of the old code is reused."""
 
     def __init__(self, arch: str, config: dict):
         self.arch = arch
@@ -118,6 +121,9 @@ class TaskAdapter:
     layout: str = ""   # the on-disk layout, shown in errors and the README
     Data: type[OptionsModel] = NoOptions   # the keys of a profile's `data:` block for this task
     RECIPE_KEYS: frozenset = frozenset()    # data-side recipe keys (bench.recipe.TASK_RECIPE_KEYS) it implements
+    VERSION: int = 1
+    """The task's code version (its data reading, micro generator, loss and metrics), part of every cell's record
+    hash: its author bumps it when a change alters results, so that no record of the old code is reused."""
 
     def __init__(self, settings: dict, data_root: Path | None, profile: str, cache_dir: Path):
         if profile not in ("micro", "paper"):
@@ -213,6 +219,16 @@ class Method:
     description: str = ""
     Options: type[OptionsModel] = NoOptions    # the card's `method_options.<name>` block
     Settings: type[OptionsModel] = NoOptions   # a profile's `<settings_key or name>:` block (budgets, schedules)
+    VERSION: int = 1
+    """The method's code version, part of every cell's record hash: its author bumps it when a change alters the
+    masks or the training it does, so that no record of the old code is reused (`bench report` lists them stale)."""
+
+    @classmethod
+    def compress_epochs(cls, settings) -> float:
+        """Epochs of training the method does before the runner's finetune (UPop's search, GOHSP's ADMM stage,
+        VTrans's mask phase), from its typed Settings: with the finetune's epochs, a row's training budget, and
+        what `budget: matched` evens out. 0 for one-shot methods."""
+        return 0.0
 
     def prune(self, ctx: CellContext) -> dict:
         """Return keep-masks {group name: bool tensor}. May train ctx.model in place."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from bench.errors import BenchError, UnknownName
 
-COMMANDS = ("ls", "validate", "run", "status", "report", "flops", "plan", "speed", "compare", "keys")
+COMMANDS = ("ls", "validate", "run", "status", "report", "flops", "plan", "speed", "compare", "keys", "publish")
 LS_KINDS = ("tables", "tasks", "methods", "models", "recipe")
 
 
@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint-every-minutes", type=float, default=0.0, metavar="M",
                    help="the same every M minutes (default 0: off); both may be given")
     s.add_argument("--quiet", action="store_true", help="no progress lines while a training phase runs")
+    s.add_argument("--force", action="store_true",
+                   help="run the selected cells again even where a finished record exists (it is replaced)")
     g = s.add_argument_group("many cells: workers and launchers (README: \"Many cells\")")
     g.add_argument("--workers", type=int, default=None, metavar="N",
                    help="run the cells in N pytest-xdist worker processes, one GPU each when CUDA is there, else "
@@ -88,12 +90,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--profile", default="micro")
     s.add_argument("--output", help="the folder the run wrote to (default $BENCH_OUTPUT or the cache)")
     s.add_argument("--retention", action="store_true", help="also print per-layer kept fractions of every cell")
+    s.add_argument("--against", metavar="METHOD",
+                   help="add, for every cell, its difference to METHOD at the same ratio with a 95%% confidence "
+                        "interval over the seeds (Welch), so that differences within the seed noise show as such")
 
     s = sub.add_parser("flops", help="params and FLOPs of a paper-size architecture, built on the meta device")
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--model", help="architecture name (see `ls models`)")
     g.add_argument("--table", help="the card's model of --profile")
     s.add_argument("--profile", default="paper")
+    s.add_argument("--check", action="store_true",
+                   help="with --table: exit 1 when a count differs from the card's reference params_m / gflops "
+                        "beyond its tolerance (the references of that profile)")
 
     s = sub.add_parser("plan", help="per cell: optimizer steps, training MACs, GPU-hours, peak memory and micro-batch, "
                                     "counted on the meta device (nothing runs)")
@@ -121,9 +129,29 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--all", action="store_true", help="also every method's and task's own keys")
     s.add_argument("--write", action="store_true", help="rewrite the generated lists in README.md and docs/card_keys.md")
 
-    s = sub.add_parser("compare", help="per-cell differences of two leaderboard CSVs; exit 1 on a regression")
+    s = sub.add_parser("compare", help="per-cell differences of two leaderboard CSVs, noise told from change; exit 0 "
+                                       "no regression, 1 a regression, 2 bad input")
     s.add_argument("old")
     s.add_argument("new")
+    s.add_argument("--k", type=float, default=3.0,
+                   help="a metric regresses when it moves the bad way by more than max(card tolerance, K x seed std) "
+                        "(default 3)")
+    s.add_argument("--arch-tolerance", default="0",
+                   help="params_m / gmacs: allowed change, a number (M, G) or 'N%%' (default 0: exact)")
+    s.add_argument("--speedup-tolerance", default="30%",
+                   help="allowed relative drop of the paired measured speedup (default 30%%, for shared runners)")
+    s.add_argument("--absolute-speed", action="store_true",
+                   help="also compare absolute throughput (same device, precision and batch size only)")
+    s.add_argument("--throughput-tolerance", default="10%",
+                   help="with --absolute-speed: allowed relative throughput drop (default 10%%)")
+
+    s = sub.add_parser("publish", help="a static leaderboard site (index + one page per table: table, plot, "
+                                       "provenance, CSV) from an output folder's records")
+    s.add_argument("--output", help="the folder `bench run` wrote to (default $BENCH_OUTPUT or the cache)")
+    s.add_argument("--site", required=True, help="folder of the site (replaced as a whole; must be new, empty or "
+                                                 "an earlier `bench publish` site)")
+    s.add_argument("--results", help="also write each table's leaderboard CSV and plot here, with PROVENANCE.json")
+    s.add_argument("--tables", help="comma-separated tables (default: every table with records under --output)")
     return p
 
 
@@ -137,6 +165,9 @@ def main(argv=None) -> int:
         _parser().print_help()
         return 2
     try:
+        if args.command == "run":   # under torchrun: every rank runs the cells together (bench.distributed)
+            from bench.distributed import run_command
+            return run_command(cmd_run, args) or 0
         return globals()[f"cmd_{args.command}"](args) or 0
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -223,9 +254,20 @@ def cmd_run(args):
     from bench.config import Paths
     from bench.runner import Session, expand_cells, load_checked_card, resolve_device
 
+    import time as _time
+    run_start = _time.time()
     card = load_checked_card(args.table)
     prof = card.profile(args.profile)
     source = prof.source(args.profile)
+    # the output (and the cache) can be written and have free space: checked before anything is computed
+    from bench.config import Paths as _Paths
+    from bench.outputs import check_writable, clean_temp_files
+    from bench.records import table_dir
+    early = _Paths.resolve(args.data_root, args.checkpoints, args.cache, args.output)
+    check_writable(table_dir(early.output, card.table), "output folder", "--output DIR (or $BENCH_OUTPUT)")
+    check_writable(early.cache, "cache folder", "--cache DIR (or $BENCH_CACHE)")
+    # temp files a killed writer left (its pid is dead, or it is old): removed; a live concurrent run's are kept
+    clean_temp_files([table_dir(early.output, card.table), early.cache / "dense"], run_start)
     if args.data_root and source == "synthetic":
         raise BenchError(f"--data-root: profile {args.profile!r} reads no data (data_source: synthetic: its task "
                          f"generates a synthetic data set); use a profile with data_source: folder "
@@ -268,6 +310,8 @@ def cmd_run(args):
         pargs += ["--bench-checkpoint-every-minutes", str(args.checkpoint_every_minutes)]
     if args.quiet:
         pargs.append("--bench-quiet")
+    if args.force:
+        pargs.append("--bench-force")
     from bench.workers import DEFAULT_WORKERS
     workers = args.workers or DEFAULT_WORKERS
     if workers > 1:   # pytest-xdist; the workers load the plugin by name (-p), this process gets it as an object
@@ -322,6 +366,10 @@ def _run_jobs(args, card, cells, paths) -> int:
     cells = launch.keyword_filter(cells, args.keyword)
     if not cells:
         raise BenchError(f"-k {args.keyword!r} selects no cell of {args.table}")
+    if args.force:   # the jobs run the cells again: the selected cells' records go first
+        from bench.records import record_path
+        for c in cells:
+            record_path(paths.output, c["table"], c["hash"]).unlink(missing_ok=True)
     opts = launch.LaunchOptions(
         launcher=args.launcher, gpus_per_cell=args.gpus_per_cell, partition=args.partition,
         time_min=launch.parse_time(args.time_limit) if args.time_limit else None, account=args.account,
@@ -386,19 +434,31 @@ def cmd_report(args):
 
     if args.format not in ("md", "csv", "latex", "terminal"):
         raise UnknownName("format", args.format, ["md", "csv", "latex", "terminal"])
-    card = card_dict(load_checked_card(args.table))
+    from bench.runner import format_stale
+
+    parsed = load_checked_card(args.table)
+    card = card_dict(parsed)
+    if args.against and args.against not in parsed.methods:
+        raise UnknownName("method", args.against, parsed.methods)
     paths = Paths.resolve(output=args.output)
-    recs = _records_for(card, paths, args.profile)
+    recs, stale = _records_for(card, paths, args.profile, with_stale=True)
     if not recs:
-        raise BenchError(f"no records of table {args.table} ({args.profile} profile) under {paths.output}. "
-                         f"Run `python -m bench run --table {args.table}` first, or pass --output DIR.")
+        hint = (f" {len(stale)} stale record{'s' if len(stale) > 1 else ''} (another card version, config or code "
+                f"version) {'are' if len(stale) > 1 else 'is'} there: `python -m bench run --table {args.table} "
+                f"--profile {args.profile}` computes the current cells." if stale else "")
+        raise BenchError(f"no records of table {args.table} ({args.profile} profile) under {paths.output}."
+                         f"{hint} Run `python -m bench run --table {args.table}` first, or pass --output DIR.")
     print(report.render_table(card, recs, args.format))
+    if args.against:
+        print(report.render_against(card, recs, args.against, "md" if args.format == "md" else "terminal"))
+    if stale and args.format in ("md", "terminal"):
+        print(format_stale(stale), end="")
     rel = report.format_relations(report.relation_checks(card, recs))
     if rel and args.format in ("md", "terminal"):
         print(rel)
     if args.retention:
         for r in sorted(recs, key=lambda r: (r["method"], r["ratio_p"], r["seed"])):
-            if r.get("retention"):
+            if r.get("retention") and r["method"] != "dense":   # the dense model keeps every unit
                 print(f"\n{r['method']} {r['ratio_label']} seed {r['seed']}:")
                 print(report.retention_table(r))
                 png = paths.output / r["table"] / "cells" / r["hash"] / "retention.png"
@@ -410,6 +470,8 @@ def cmd_flops(args):
     from bench import measure
     from bench.runner import card_parts, load_checked_card
 
+    if args.check and not args.table:
+        raise BenchError("--check: give --table (the card holds the reference counts)")
     if not args.table:
         from bench.registry import MODELS
         MODELS.get(args.model)
@@ -430,6 +492,7 @@ def cmd_flops(args):
     print(f"table {args.table}, {args.profile} profile, FLOPs protocol: {' '.join(card.protocol.flops.input.split())}")
     print("counted on the meta device; fvcore convention: 1 multiply-add = 1 FLOP, attention matmuls and norms included")
     seen = set()
+    checks = []
     for part in card_parts(card, args.profile):
         key = (part["task"], part["arch"])
         if key in seen:
@@ -445,6 +508,32 @@ def cmd_flops(args):
         print(f"{name}{part['arch']}: params {res['params'] / 1e6:.2f} M ({res['params']:,})")
         for label, r in res["protocols"].items():
             print(f"  FLOPs {r['macs'] / 1e9:.2f} G ({r['macs']:,} MACs) [{label}] at input {r['input_spec']}")
+        if args.check:
+            checks += _flops_checks(card, args.profile, part["part"], res)
+    if args.check:
+        bad = [c for c in checks if not c[3]]
+        for what, got, paper, ok, tol in checks:
+            print(f"check {what}: {got:.4g} vs reference {paper:g} (tolerance {tol}): {'ok' if ok else 'DIFFERS'}")
+        if not checks:
+            print(f"check: the card's references have no dense params_m / gflops for the {args.profile} profile: "
+                  f"nothing to check")
+        print(f"{len(checks)} counts checked, {len(bad)} differ" + (" -> FAIL" if bad else " -> OK"))
+        return 1 if bad else 0
+
+
+def _flops_checks(card, profile: str, part, res: dict) -> list:
+    """(what, counted, reference, ok, tolerance) for the dense reference row's params_m and gflops of a part (the
+    paper's FLOPs protocol: the first one the task counts), judged with the card's tolerance (exact if none)."""
+    from bench.cards import within
+    ref = card.reference_row("dense", "1x", profile, part) or {}
+    tol = card.references.tolerance if card.references else {}
+    got = {"params_m": res["params"] / 1e6, "gflops": next(iter(res["protocols"].values()))["macs"] / 1e9}
+    out = []
+    for k in ("params_m", "gflops"):
+        if isinstance(ref.get(k), (int, float)):
+            t = tol.get(k, 0.0)
+            out.append((f"{part + ' ' if part else ''}{k}", got[k], ref[k], within(got[k], ref[k], t), t))
+    return out
 
 
 def cmd_plan(args):
@@ -497,7 +586,30 @@ def cmd_compare(args):
     for p in (args.old, args.new):
         if not Path(p).is_file():
             raise BenchError(f"{p}: no such file")
-    diffs, regression = compare_csv(args.old, args.new, lambda n: card_dict(load_checked_card(n)))
+    diffs, regression = compare_csv(args.old, args.new, lambda n: card_dict(load_checked_card(n)), k=args.k,
+                                    arch_tolerance=args.arch_tolerance, speedup_tolerance=args.speedup_tolerance,
+                                    absolute_speed=args.absolute_speed, throughput_tolerance=args.throughput_tolerance)
     print(format_diffs(diffs))
     print("REGRESSION" if regression else "no regression")
     return 1 if regression else 0
+
+
+def cmd_publish(args):
+    import shlex
+
+    from bench.config import Paths
+    from bench.publish import publish
+
+    output = Paths.resolve(output=args.output).output
+    command = "python -m bench publish " + " ".join(
+        f"{flag} {shlex.quote(str(v))}" for flag, v in (("--output", args.output), ("--site", args.site),
+                                                        ("--results", args.results), ("--tables", args.tables)) if v)
+    tables = [t.strip() for t in args.tables.split(",") if t.strip()] if args.tables else None
+    res = publish(output, args.site, args.results, tables, command,
+                  warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+    for s in res["summaries"]:
+        print(f"{s['table']} ({s['profile']}): {len(s['records'])} records -> {Path(args.site) / s['table'] / 'index.html'}")
+    print(f"site: {res['index']}")
+    if res["provenance"]:
+        print(f"results: {len(res['summaries'])} CSVs and plots in {args.results}, provenance {res['provenance']}")
+    return 0

@@ -134,19 +134,47 @@ def cell_lock_path(output: Path, table: str, h: str) -> Path:
     return lock_path_for(record_path(output, table, h))
 
 
-def run_cell_once(cfg: dict, session, on_start: Callable[[], None] | None = None) -> tuple[dict, bool]:
+def run_cell_once(cfg: dict, session, on_start: Callable[[], None] | None = None,
+                  force: bool = False) -> tuple[dict, bool]:
     """The cell's record and whether it was reused: a finished record is reused; otherwise the cell lock is
     taken (waiting while another process computes the cell), the record is looked for again (the other
     process may have finished it meanwhile) and only then is the cell run (`on_start()` first). An `error`
-    record is recomputed."""
+    record is recomputed, and so is every cell with `force` (bench run --force)."""
     from bench.runner import reuse_record, run_cell
+    from bench import distributed as dist
+    if dist.is_distributed():
+        return _run_cell_once_distributed(cfg, session, on_start, force)
     output = session.paths.output
-    rec = reuse_record(output, cfg)
+    rec = reuse_record(output, cfg, force)
     if rec is not None:
         return rec, True
     lock = cell_lock_path(output, cfg["table"], cfg["hash"])
     with held(lock, f"cell {cfg['table']}::{cfg['cell_id']}", log=session.log, write_owner=True) as waited:
-        rec = reuse_record(output, cfg)
+        rec = reuse_record(output, cfg, force)
+        if rec is not None:
+            session.log(f"{cfg['cell_id']}: computed by another process while this one waited ({waited:.0f} s): reused")
+            return rec, True
+        if on_start is not None:
+            on_start()
+        return run_cell(cfg, session), False
+
+
+def _run_cell_once_distributed(cfg: dict, session, on_start, force: bool = False) -> tuple[dict, bool]:
+    """`run_cell_once` of a data-parallel run (torchrun): rank 0 alone looks for the record and holds the cell
+    lock, and tells the others (a broadcast) whether to reuse its record or to run the cell with it."""
+    from bench import distributed as dist
+    from bench.runner import reuse_record, run_cell
+    output = session.paths.output
+    if not dist.is_main():
+        rec = dist.broadcast_object(None)
+        return (rec, True) if rec is not None else (run_cell(cfg, session), False)
+    rec = reuse_record(output, cfg, force)
+    if rec is not None:
+        return dist.broadcast_object(rec), True
+    lock = cell_lock_path(output, cfg["table"], cfg["hash"])
+    with held(lock, f"cell {cfg['table']}::{cfg['cell_id']}", log=session.log, write_owner=True) as waited:
+        rec = reuse_record(output, cfg, force)
+        dist.broadcast_object(rec)
         if rec is not None:
             session.log(f"{cfg['cell_id']}: computed by another process while this one waited ({waited:.0f} s): reused")
             return rec, True

@@ -44,6 +44,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+# The version of the measuring code (params, FLOPs, throughput, memory): part of every cell's record hash
+# (bench.runner.code_version). Bump it when a change here alters a measured number.
+MEASURE_VERSION = 1
+
 aten = torch.ops.aten
 
 __all__ = ["count_params", "count_macs", "arch_flops", "throughput", "peak_memory", "env_info", "MacCounter",

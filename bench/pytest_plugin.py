@@ -27,9 +27,9 @@ import pytest
 from bench import report
 from bench.cards import card_dict, load_card, table_dirs
 from bench.config import Paths
-from bench.records import load_records, table_dir
+from bench.records import table_dir
 from bench.locks import run_cell_once
-from bench.runner import Session, expand_cells, load_checked_card, resolve_device
+from bench.runner import Session, current_records, expand_cells, load_checked_card, resolve_device
 
 STATUS_WORD = {"pass": "PASSED", "fail": "FAILED", "error": "FAILED", "no_ref": "NO-REF"}
 
@@ -50,6 +50,7 @@ def pytest_addoption(parser):
     g.addoption("--bench-checkpoint-every-minutes", type=float, default=0.0,
                 help="training-state checkpoint every M minutes of each training phase (0: off)")
     g.addoption("--bench-quiet", action="store_true", help="no progress lines while a training phase runs")
+    g.addoption("--bench-force", action="store_true", help="run the selected cells again, even those with a record")
 
 
 def pytest_configure(config):
@@ -59,6 +60,11 @@ def pytest_configure(config):
                                         config.getoption("--bench-cache"), config.getoption("--bench-output"))
     config._bench_session = None
     _configure_xdist(config)
+    from bench import distributed as dist
+    # torchrun started this pytest directly (`torchrun ... -m pytest -p bench.pytest_plugin ...`): join the group
+    # here (`bench run` under torchrun has joined it already)
+    config._bench_dist_here = (dist.env_world_size() > 1 and not dist.is_distributed()
+                               and dist.init(resolve_device(config.getoption("--bench-device"))))
     from bench.registry import METHODS
     for m in METHODS.names():   # every method is a marker: -m somp
         config.addinivalue_line("markers", f"{m}: cells of method {m}")
@@ -172,7 +178,8 @@ class CellFailed(Exception):
 def _announce(item) -> None:
     """"[3/13] somp-2x-seed0" on the terminal when a cell starts computing (also while pytest captures output)."""
     tr = item.config.pluginmanager.get_plugin("terminalreporter")
-    if tr is None:
+    from bench import distributed as dist
+    if tr is None or not dist.is_main():
         return
     items = item.session.items
     pos = next((i for i, it in enumerate(items, 1) if it is item), 0)
@@ -196,9 +203,12 @@ class CellItem(pytest.Item):
         session = _session(self.config)
         # a finished record is reused; otherwise the cell's lock is taken (another worker, run or job computing
         # it is waited for, and its record reused) and the cell is run
-        rec, reused = run_cell_once(self.cell, session, on_start=lambda: _announce(self))
+        rec, reused = run_cell_once(self.cell, session, on_start=lambda: _announce(self),
+                                    force=self.config.getoption("--bench-force"))
         if not reused:
-            _write_outputs(self.config, self.cell["table"])
+            from bench import distributed as dist
+            if dist.is_main():   # data parallel: rank 0 writes
+                _write_outputs(self.config, self.cell["table"])
         self.user_properties += [("bench_status", rec["status"]), ("bench_reused", reused)]
         if rec["status"] in ("fail", "error"):
             raise CellFailed(f"{rec['status']}: {rec['reason']}")
@@ -228,17 +238,12 @@ def pytest_report_teststatus(report, config):
     return None
 
 
-def _records_for(card, paths, profile):
-    """The latest record of every (part, method, ratio, seed) of this card version and profile (the part:
-    the task or model of a multi-task / multi-model card, None otherwise)."""
-    latest = {}
-    for r in load_records(paths.output, card["table"], profile):
-        if r.get("table_version") != card["version"]:
-            continue
-        key = ((r.get("config") or {}).get("part"), r["method"], r["ratio_label"], r["seed"])
-        if key not in latest or r["date_utc"] >= latest[key]["date_utc"]:
-            latest[key] = r
-    return list(latest.values())
+def _records_for(card, paths, profile, with_stale: bool = False):
+    """The records of the cells the card asks for now (`bench.runner.current_records`: same hash as the cell
+    resolved from the current card and code, judged again against the current references), whatever seeds,
+    ratios and device they were run with; with `with_stale`, (current, stale) where stale is [(record, why)]."""
+    current, stale = current_records(load_checked_card(card["table"]), paths.output, profile)
+    return (current, stale) if with_stale else current
 
 
 def _write_outputs(config, table):
@@ -246,8 +251,8 @@ def _write_outputs(config, table):
     paths = config._bench_paths
     recs = _records_for(card, paths, config.getoption("--bench-profile"))
     if recs:
-        folder = table_dir(paths.output, table)
-        report.write_leaderboard_csv(card, recs, folder / report.leaderboard_filename(card, recs))
+        with contextlib.suppress(OSError):   # a full disk: the end of the run says so, once
+            report.write_table_csv(card, recs, table_dir(paths.output, table))
     return recs
 
 
@@ -273,13 +278,21 @@ def summarize(card: dict, paths: Paths, profile: str, write_line, section=None) 
     """Write the leaderboard CSV and the plot of `card` from its records and print the table (the end of a
     run: serial, xdist controller, or `bench run --launcher local`). Returns the records."""
     table = card["table"]
-    recs = _records_for(card, paths, profile)
+    recs, stale = _records_for(card, paths, profile, with_stale=True)
     if not recs:
         return recs
     folder = table_dir(paths.output, table)
-    report.write_leaderboard_csv(card, recs, folder / report.leaderboard_filename(card, recs))
+    written = []
     png = folder / f"{table}-{profile}.png"
-    report.plot(card, recs, png)
+    # a full disk (or a folder made read-only during the run) must not lose the table: one line, then the table
+    for what, write in (("leaderboard CSV", lambda: report.write_table_csv(card, recs, folder)),
+                        ("plot", lambda: report.plot(card, recs, png))):
+        try:
+            written.append((what, write()))
+        except OSError as e:
+            written.append((what, None))
+            write_line(f"{what} not written: {e.strerror or e} ({getattr(e, 'filename', None) or folder}); free "
+                       f"space there (or pass another --output) and run the same command again: every cell is reused")
     (section or (lambda title: write_line(f"=== {title} ===")))(f"{card['title']} [{profile} profile]")
     write_line(report.render_table(card, recs, "terminal"))
     rel = report.format_relations(report.relation_checks(card, recs))
@@ -288,14 +301,21 @@ def summarize(card: dict, paths: Paths, profile: str, write_line, section=None) 
     ret = report.retention_summary(card, recs)
     if ret:
         write_line(ret)
+    if stale:
+        write_line(f"{len(stale)} stale record{'s' if len(stale) > 1 else ''} (another card version, config or code "
+                   f"version) not used: `python -m bench report --table {table} --profile {profile}` lists them")
     write_line(f"records: {folder / 'records'}")
-    write_line(f"leaderboard CSV: {folder / report.leaderboard_filename(card, recs)}")
-    write_line(f"plot: {png}")
+    for what, path in written:
+        if path is not None:
+            write_line(f"{what}: {path}")
     return recs
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if config.option.collectonly or _worker_id(config) is not None:   # workers: the controller summarizes
+        return
+    from bench import distributed as dist
+    if not dist.is_main():   # data parallel: rank 0 writes the CSV and the plot and prints the table
         return
     tables = config._bench_tables or (_cards_from_args(config) if _is_xdist_controller(config) else {})
     tr = terminalreporter
@@ -306,3 +326,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 def load_card_for_report(name):
     return load_card(name)
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_bench_dist_here", False):
+        from bench import distributed as dist
+        dist.cleanup()

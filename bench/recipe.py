@@ -69,6 +69,18 @@ class TrainRecipe(OptionsModel):
     reprob: Fraction = Field(0.0, description="random erasing probability (timm.data.RandomErasing)")
     remode: Literal["pixel", "const", "rand"] = Field("pixel", description="random erasing fill")
     recount: PositiveInt = Field(1, description="random erasing count")
+    # checkpoint selection (the runner's finetune only)
+    selection: Literal["final", "paper"] = Field(
+        "final", description="finetune only. final: the model after the last epoch (the clean protocol); paper: "
+                             "evaluate after every epoch on selection_split and keep the epoch with the best "
+                             "selection_metric, as the official scripts keep checkpoint_best (the row is labelled "
+                             "'(best-epoch on <split>)' in the table and CSV: selection on an evaluated split)")
+    selection_split: str | None = Field(
+        None, description="selection paper: the split evaluated after every epoch (none: the split of the card's "
+                          "primary metric, e.g. dev for NLVR2)")
+    selection_metric: str | None = Field(
+        None, description="selection paper: the metric that picks the epoch (none: the card's primary metric; its "
+                          "higher_is_better gives the direction)")
     # reporting
     log_every: NonNegInt = Field(0, description="print the mean loss every N steps (0: quiet)")
 
@@ -80,6 +92,8 @@ class TrainRecipe(OptionsModel):
             raise ValueError(f"crop_scale must be 0 < low <= high <= 1, got {self.crop_scale}")
         if self.label_smoothing >= 1:
             raise ValueError("label_smoothing must be below 1")
+        if self.selection == "final" and (self.selection_split is not None or self.selection_metric is not None):
+            raise ValueError("selection_split / selection_metric are for selection: paper (selection is final)")
         if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
             raise ValueError(f"micro_batch_size {self.micro_batch_size} does not divide batch_size {self.batch_size} "
                              f"(batch_size is the effective batch: give a micro_batch_size that divides it)")

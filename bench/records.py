@@ -15,7 +15,11 @@ Record schema (RECORD_VERSION 1); every key is always present, values may be nul
   "model_arch": str, "model_tag": str,                 # e.g. "vit_micro"; "scratch" / "checkpoint" / "checkpoint+finetune"
   "method": str, "method_impl": "official" | "reimpl" | "baseline" | "dense",
   "ratio_label": str, "ratio_p": float, "ratio_meaning": str, "seed": int,
-  "config": dict,                                      # the resolved cell config (hashed)
+  "config": dict,                                      # the resolved cell config (hashed), with its code_version:
+                                                       # {bench, training, measure, method, task, model} versions
+                                                       # (bench.runner.code_version) and seed_varies
+  "problems": [str],                                   # broken invariants (non-finite metric, ratio missed), kept
+                                                       # so that a reused record is judged again (judge_reference)
   "metrics": {name: float},                            # e.g. {"top1": 71.3, "top5": 95.0} (percent)
   "metric_splits": {name: split},
   "params": {"total": int, "dense_total": int, "prunable_dense": int, "removed": int,

@@ -8,33 +8,31 @@ from bench.errors import UnknownName
 
 T = TypeVar("T")
 
-# Modules whose import fills the registries (one file per task, method and model family).
-PLUGIN_MODULES = [
-    "models.vit",
-    "tasks.imagenet",
-    "methods.dense",
-    "methods.somp",
-    "methods.sgmp",
-    "methods.upop",
-    "methods.gohsp",
-    "tasks.cifar10",
-    "models.segmenter",
-    "tasks.ade20k",
-    # vision-language (BLIP, CLIP)
-    "models.blip",
-    "models.clip",
-    "tasks.nlvr2",
-    "tasks.vqa",
-    "tasks.caption",
-    "tasks.retrieval",
-    # language (VTrans, GLUE, perplexity)
-    "models.bert",
-    "models.gpt2",
-    "models.llama",
-    "methods.vtrans",
-    "tasks.glue",
-    "tasks.lm_perplexity",
-]
+# The packages whose modules fill the registries (one file per task, method and model family), found by a package
+# walk (modules and subpackages whose name starts with "_" are private helpers and are skipped), and the entry-point
+# groups through which an installed package registers its own: in its pyproject.toml
+#     [project.entry-points."prune_bench.methods"]
+#     my_method = "my_package.my_method"        # a module whose import registers it (a decorated class)
+PLUGIN_PACKAGES = ("models", "tasks", "methods")
+ENTRY_POINT_GROUPS = ("prune_bench.models", "prune_bench.tasks", "prune_bench.methods")
+
+
+def plugin_modules() -> list[str]:
+    """The modules of PLUGIN_PACKAGES, in a fixed order (models, tasks, methods; alphabetical inside)."""
+    import pkgutil
+    out = []
+    for pkg_name in PLUGIN_PACKAGES:
+        pkg = importlib.import_module(pkg_name)
+        for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+            if not info.name.startswith("_"):
+                out.append(f"{pkg_name}.{info.name}")
+    return out
+
+
+def entry_point_plugins() -> list:
+    """The installed entry points of ENTRY_POINT_GROUPS (importlib.metadata)."""
+    from importlib.metadata import entry_points
+    return [ep for group in ENTRY_POINT_GROUPS for ep in entry_points(group=group)]
 
 
 class Registry(Generic[T]):
@@ -84,8 +82,14 @@ def load_plugins() -> None:
     if _loaded:
         return
     _loaded = True
-    for mod in PLUGIN_MODULES:
+    for mod in plugin_modules():
         importlib.import_module(mod)
+    for ep in entry_point_plugins():
+        try:
+            ep.load()     # a module (its import registers) or an object already registered by its module
+        except Exception as e:   # an outside package that cannot load must not hide the suite's own plugins
+            from bench.errors import BenchError
+            raise BenchError(f"entry point {ep.name!r} ({ep.group} = {ep.value}) failed to load: {e}") from e
 
 
 def register_task(name: str):

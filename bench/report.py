@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench.atomic import atomic_write
 
-# Fixed column order of the leaderboard CSV (shared/specs/anchors.md §3.4). Never reorder: append.
+# Fixed column order of the leaderboard CSV (docs/specs/anchors.md §3.4). Never reorder: append.
 LEADERBOARD_COLUMNS = [
     # identity
     "table_id", "table_version", "profile", "task", "split", "model_arch", "model_tag", "method", "method_impl",
@@ -41,6 +41,11 @@ LEADERBOARD_COLUMNS = [
     "device_name", "torch", "timm", "transformers", "open_clip", "bench_version", "git_sha", "run_id", "date_utc",
     # appended: multi-part cards, the inference-only FLOPs count, method wall times
     "part", "gmacs_inference", "compress_s", "finetune_s",
+    # appended: per-seed rows and the code versions behind the numbers (README "Seeds")
+    "row_kind", "seed", "code_version",
+    # appended: training compute of the row (the method's phases + finetune; the shared dense training excluded)
+    # and the checkpoint selection ("(best-epoch on dev)" when the finetune kept its best epoch on that split)
+    "train_epochs", "train_steps", "train_phases", "selection",
 ]
 
 STATUS_WORDS = {"pass": "PASSED", "fail": "FAILED", "no_ref": "NO-REF", "error": "ERROR"}
@@ -326,6 +331,7 @@ def _aggregate(card: dict, records) -> list[dict]:
         # compression wall time: the method's own search/pruning time (VTrans's claim is speed), then finetune
         cell["compress_s"] = _mean(_get(r, "timings", "prune_s") for r in ok)
         cell["finetune_s"] = _mean(_get(r, "timings", "finetune_s") for r in ok)
+        cell.update(training_compute(ok or recs))
         # speed: the most common (device, precision, batch) among the seeds
         sp = [r for r in ok if r.get("speed")]
         if sp:
@@ -350,6 +356,7 @@ def _aggregate(card: dict, records) -> list[dict]:
         for k in ("torch", "timm", "transformers", "open_clip", "bench_version", "git_sha"):
             cell[k] = _joined(_get(r, "env", k) for r in by_date)
         cell["run_id"] = _joined(r.get("run_id") for r in by_date)
+        cell["code_version"] = _joined(code_version_text(_get(r, "config", "code_version")) for r in by_date)
         cell["date_utc"] = _first(r.get("date_utc") for r in reversed(by_date))
         # quality, per metric
         card_m = {m["name"]: m for m in card_metrics(card)}
@@ -395,6 +402,39 @@ def _aggregate(card: dict, records) -> list[dict]:
     return cells
 
 
+def _ep(x) -> str:
+    """Epochs as written in a card: 4, 0.5, 27."""
+    x = _num(x)
+    return "-" if x is None else f"{x:g}"
+
+
+def training_compute(recs: list) -> dict:
+    """The training compute of a cell from its records' `training` entries: every phase but the dense model's
+    (shared by all rows): the method's own (upop, sgmp, ...) and the finetune. train_epochs: passes over the
+    training split, summed; train_steps: optimizer steps, summed; train_phases: "upop 4 + finetune 4" (epochs);
+    selection: the finetune's selection label, or None for the final epoch. Seeds: the first record's (a cell's
+    seeds train the same budget)."""
+    out = {"train_epochs": None, "train_steps": None, "train_phases": None, "selection": None}
+    for r in recs:
+        if not isinstance(r.get("training"), dict):   # a record older than the training entry: unknown
+            continue
+        tr = {k: v for k, v in r["training"].items() if k != "dense" and isinstance(v, dict)}
+        cfg = r.get("config") or {}
+        if "finetune" in tr and _num(tr["finetune"].get("epochs")) is None and cfg.get("finetune"):
+            tr["finetune"] = {**tr["finetune"], "epochs": cfg["finetune"].get("epochs")}   # records before "epochs"
+        if tr:
+            eps = [_num(v.get("epochs")) for v in tr.values()]
+            out["train_epochs"] = sum(eps) if all(e is not None for e in eps) else None
+            out["train_steps"] = sum(int(v.get("steps") or 0) for v in tr.values())
+            out["train_phases"] = " + ".join(f"{k} {_ep(v.get('epochs'))}" if _num(v.get("epochs")) is not None
+                                             else f"{k} {v.get('steps')} steps" for k, v in tr.items())
+        elif r.get("status") != "error":
+            out["train_epochs"], out["train_steps"], out["train_phases"] = 0.0, 0, "none"
+        out["selection"] = _get(r, "selection", "label")
+        return out
+    return out
+
+
 def _short_reason(cell: dict, card: dict, width: int = 80) -> str | None:
     """The short reason shown next to FAILED / ERROR: the crash message, or the failed checks."""
     multi = len(cell["records"]) > 1
@@ -432,9 +472,37 @@ def _short_reason(cell: dict, card: dict, width: int = 80) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # leaderboard CSV
 
-def leaderboard_rows(card: dict, records) -> list[dict]:
-    """One row per (profile, method, ratio, metric), keys exactly LEADERBOARD_COLUMNS, Python values
-    (None where unknown). Seeds are aggregated: mean, sample std (n >= 2), ";"-joined seed list."""
+def code_version_text(v) -> str | None:
+    """A cell's code versions as one CSV field: "bench=0.1.0;training=1;measure=1;method=1;task=1;model=1"."""
+    if not isinstance(v, dict):
+        return None
+    return ";".join(f"{k}={v[k]}" for k in ("bench", "training", "measure", "method", "task", "model") if k in v)
+
+
+def leaderboard_rows(card: dict, records, per_seed: bool = True) -> list[dict]:
+    """One row per (profile, method, ratio, metric) with row_kind "cell", keys exactly LEADERBOARD_COLUMNS, Python
+    values (None where unknown): seeds aggregated (mean, sample std (n >= 2), n_seeds, ";"-joined seed list).
+    A cell of two or more seeds is followed by one row_kind "seed" row per seed (its own values, n_seeds 1, the
+    seed in `seed`, metric_delta vs the dense model of the same seed); a one-seed cell has its cell row only."""
+    rows = _cell_rows(card, records, "cell")
+    if not per_seed:
+        return rows
+    key = lambda r: (r["profile"], r["part"], r["method"], str(r["ratio_label"]), r["metric"])   # noqa: E731
+    multi = {key(r) for r in rows if (r["n_seeds"] or 0) > 1 or len(str(r["seed_list"] or "").split(";")) > 1}
+    seeds = sorted({r.get("seed") for r in records if r and r.get("seed") is not None})
+    extra: dict = {}
+    for seed in seeds:
+        for r in _cell_rows(card, [x for x in records if x and x.get("seed") == seed], "seed"):
+            if key(r) in multi:
+                r["seed"] = seed
+                extra.setdefault(key(r), []).append(r)
+    out = []
+    for r in rows:
+        out += [r] + extra.get(key(r), [])
+    return out
+
+
+def _cell_rows(card: dict, records, kind: str) -> list[dict]:
     rows = []
     for cell in _aggregate(card, records):
         for name, m in cell["metrics"].items():
@@ -448,6 +516,7 @@ def leaderboard_rows(card: dict, records) -> list[dict]:
                 "metric_std": m["std"], "seed_list": ";".join(str(s) for s in cell["seeds"] if s is not None),
                 "paper_value": m["paper"], "paper_source": m["source"],
                 "tolerance": format_tolerance(m["tolerance"]) or None, "status": m["status"],
+                "row_kind": kind,
             })
             rows.append(row)
     return rows
@@ -500,9 +569,26 @@ def leaderboard_filename(card: dict, records) -> str:
         return c.most_common(1)[0][0] if c else default
 
     profile = common((r.get("profile") for r in recs), "micro")
-    prec = common((_get(r, "speed", "precision") for r in recs), "unknown")
+    # a record without a speed (its cell crashed) names the precision its device times with, so that a run in
+    # which every cell crashed writes the same file as a good run (not a second, "-unknown-" one)
+    prec = common((_get(r, "speed", "precision") or
+                   {"cuda": "amp_fp16", "cpu": "fp32"}.get(_get(r, "config", "device")) for r in recs), "unknown")
     device = common((_get(r, "env", "device_name") or _get(r, "speed", "device") for r in recs), "unknown")
     return f"{sanitize(table)}-{sanitize(profile)}-{sanitize(prec)}-{sanitize(device)}.csv"
+
+
+def write_table_csv(card: dict, records, folder) -> Path:
+    """Write the leaderboard CSV of `records` (the current records of the card's cells) into the table's folder
+    and remove every other `<table>-<profile>-*.csv` there: those were built from records that are no longer
+    the current ones (another device name, or a run whose cells all crashed), so none is left to mislead."""
+    folder = Path(folder)
+    name = leaderboard_filename(card, records)
+    path = write_leaderboard_csv(card, records, folder / name)
+    profile = name[len(sanitize(card.get("table") or "table")) + 1:].split("-")[0]
+    for other in folder.glob(f"{sanitize(card.get('table') or 'table')}-{profile}-*.csv"):
+        if other.name != name:
+            other.unlink(missing_ok=True)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,7 +624,17 @@ def _fmt(x, decimals=None) -> str:
 
 
 def _method_name(cell: dict) -> str:
-    return f"{cell['method']} (reimpl)" if cell.get("method_impl") == "reimpl" else str(cell["method"])
+    name = f"{cell['method']} (reimpl)" if cell.get("method_impl") == "reimpl" else str(cell["method"])
+    return f"{name} {cell['selection']}" if cell.get("selection") else name
+
+
+def _train_text(cell: dict) -> str:
+    """The row's training compute: total epochs of search + finetune, with the phases when there are several."""
+    if cell["method"] == "dense" or _num(cell.get("train_epochs")) is None:
+        return "-" if cell.get("train_steps") is None else f"{cell['train_steps']} steps"
+    total = _ep(cell["train_epochs"])
+    phases = cell.get("train_phases") or ""
+    return f"{total} ({phases})" if "+" in phases else total
 
 
 def _status_text(cell: dict) -> str:
@@ -550,14 +646,17 @@ def _table_cells(card: dict, cells: list, pm: str) -> tuple[list, list]:
     metrics = list(dict.fromkeys(m["name"] for m in card_metrics(card))) or (list(cells[0]["metrics"]) if cells else [])
     multi = len({c["profile"] for c in cells}) > 1
     parts = any(c.get("part") for c in cells)
-    part_col = "Task" if "tasks" in card else "Model"
+    part_col = ("Task" if "tasks" in card else
+                "Budget" if all((c.get("part") or "").endswith("matched") or not c.get("part") for c in cells)
+                else "Model")
     inference = any(_num(c.get("gmacs_inference")) is not None for c in cells)
     header = (["Profile"] if multi else []) + ([part_col] if parts else []) + ["Method", "Ratio"] + metrics + [
         "Params M", "GFLOPs"] + (["GFLOPs inf."] if inference else []) + [
-        "Throughput/s", "Speedup meas./FLOPs", "Compress s", "Status"]
+        "Throughput/s", "Speedup meas./FLOPs", "Compress s", "Train ep.", "Status"]
     body = []
     for c in cells:
-        row = ([str(c["profile"])] if multi else []) + ([str(c.get("part") or "")] if parts else []) + [
+        part_text = str(c.get("part") or ("paper" if part_col == "Budget" else ""))
+        row = ([str(c["profile"])] if multi else []) + ([part_text] if parts else []) + [
             _method_name(c), str(c["ratio_label"])]
         for name in metrics:
             m = c["metrics"].get(name) or {}
@@ -581,7 +680,7 @@ def _table_cells(card: dict, cells: list, pm: str) -> tuple[list, list]:
         theo = f"{c['speedup_theoretical']:.2f}x" if _num(c["speedup_theoretical"]) is not None else "-"
         row += [p, g] + ([_fmt(c.get("gmacs_inference"))] if inference else []) + [
             _fmt(c["throughput_sps"]), f"{meas} / {theo}",
-            _fmt(c.get("compress_s"), 1) if c["method"] != "dense" else "-", _status_text(c)]
+            _fmt(c.get("compress_s"), 1) if c["method"] != "dense" else "-", _train_text(c), _status_text(c)]
         body.append(row)
     return header, body
 
@@ -638,7 +737,38 @@ def _footnotes(card: dict, cells: list) -> tuple[list, list, list]:
         notes.append("Throughput: not measured.")
     if any(c.get("method_impl") == "reimpl" for c in cells):
         notes.append(REIMPL_SENTENCE)
+    notes += floor_notes(card, cells)
     return [head], ((ref_header, ref_body) if ref_header else None), notes
+
+
+def floor_notes(card: dict, cells: list) -> list[str]:
+    """The random-units floor: every row trained for as many epochs as a `random` row of the same profile, part
+    and ratio (matched compute) whose primary-metric mean does not beat random's gets one line saying so."""
+    pm = primary_metric(card)
+    if not pm:
+        return []
+    name, hib = pm["name"], pm.get("higher_is_better", True)
+
+    def value(c):
+        return _num((c["metrics"].get(name) or {}).get("value"))
+
+    floors = [c for c in cells if c["method"] == "random" and value(c) is not None
+              and _num(c.get("train_epochs")) is not None]
+    out = []
+    for c in cells:
+        if c["method"] in ("random", "dense") or value(c) is None:
+            continue
+        for f in floors:
+            if (f["profile"], str(f["ratio_label"])) != (c["profile"], str(c["ratio_label"])) or \
+                    _num(c.get("train_epochs")) != _num(f["train_epochs"]):
+                continue
+            a, b = value(c), value(f)
+            if (a <= b) if hib else (a >= b):
+                where = f" [{c['part']}]" if c.get("part") else ""
+                out.append(f"Floor: {_method_name(c)} at {c['ratio_label']}{where} does not beat random units at the "
+                           f"same training ({_ep(c['train_epochs'])} epochs): {name} {_fmt(a)} vs {_fmt(b)}.")
+            break
+    return out
 
 
 _TEXT_COLUMNS = ("Method", "Ratio", "Profile", "Task", "Model", "Status", "layer", "modality")
@@ -999,4 +1129,117 @@ def format_relations(checks) -> str:
     for c in checks:
         lines.append(f"  [{c['status']}] {c['kind']} ({c['method']}): {c['measured']} (tol {c['tolerance']}); "
                      f"source: {c['source']}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# differences to one method, with the seed noise (bench report --against METHOD)
+
+# two-sided 95% Student t quantiles t(0.975, df) for df = 1..30 (scipy.stats.t.ppf when scipy is there)
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t975(df: float) -> float:
+    """The 97.5% quantile of Student's t with `df` (non-integer: Welch) degrees of freedom."""
+    try:
+        from scipy.stats import t
+        return float(t.ppf(0.975, df))
+    except ImportError:
+        pass
+    if df >= 30:
+        return 2.042 + (1.960 - 2.042) * min(1.0, (df - 30) / 90)
+    lo = max(1, int(math.floor(df)))
+    hi = min(30, lo + 1)
+    w = df - lo
+    return _T975[lo - 1] * (1 - w) + _T975[hi - 1] * w if df >= 1 else _T975[0]
+
+
+def welch_ci(a, b) -> dict:
+    """Difference of means a - b with its 95% Welch confidence interval (samples of the seeds). n < 2 on either
+    side: no interval. Returns {diff, lo, hi, df, n_a, n_b}."""
+    import numpy as np
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    out = {"diff": float(a.mean() - b.mean()) if len(a) and len(b) else None, "lo": None, "hi": None,
+           "df": None, "n_a": len(a), "n_b": len(b)}
+    if len(a) < 2 or len(b) < 2 or out["diff"] is None:
+        return out
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        out.update(lo=out["diff"], hi=out["diff"], df=float("inf"))
+        return out
+    df = (va + vb) ** 2 / ((va ** 2 / (len(a) - 1) if va else 0.0) + (vb ** 2 / (len(b) - 1) if vb else 0.0))
+    half = t975(df) * se
+    out.update(lo=out["diff"] - half, hi=out["diff"] + half, df=float(df))
+    return out
+
+
+def against_rows(card: dict, records, method: str) -> list[dict]:
+    """For every cell (part, method, ratio) other than `method`'s own and every card metric: the difference of
+    its mean to `method`'s at the same ratio (and part), with the 95% Welch interval over the seeds and whether
+    the interval holds 0 (a difference within the seed noise)."""
+    import pandas as pd
+
+    rows = [{"part": r.get("part"), "method": r["method"], "ratio_label": str(r["ratio_label"]),
+             "ratio_p": r.get("ratio_p"), "seed": r.get("seed"), "metric": k, "value": _num(v)}
+            for r in records if r and r.get("status") != "error" for k, v in (r.get("metrics") or {}).items()
+            if _num(v) is not None]
+    if not rows:
+        return []
+    df = pd.DataFrame(rows)
+    df["part"] = df["part"].fillna("")
+    names = [m["name"] for m in card_metrics(card)] or list(dict.fromkeys(df["metric"]))
+    df = df[df["metric"].isin(names)]
+    keys = ["part", "ratio_label", "metric"]
+    base = df[df["method"] == method].groupby(keys)["value"].apply(list).rename("base")
+    cells = df[df["method"] != method].groupby(keys + ["method"]).agg(
+        values=("value", list), ratio_p=("ratio_p", "first")).reset_index().join(base, on=keys)
+    hib = {m["name"]: m.get("higher_is_better", True) for m in card_metrics(card)}
+    out = []
+    for _, c in cells.iterrows():
+        if not isinstance(c["base"], list):
+            continue
+        ci = welch_ci(c["values"], c["base"])
+        out.append({"part": c["part"] or None, "method": c["method"], "ratio_label": c["ratio_label"],
+                    "ratio_p": c["ratio_p"], "metric": c["metric"], "higher_is_better": hib.get(c["metric"], True),
+                    **ci, "noise": None if ci["lo"] is None else ci["lo"] <= 0 <= ci["hi"]})
+    order = _card_order(card)
+    out.sort(key=lambda r: (order({"profile": "", **r}), names.index(r["metric"]) if r["metric"] in names else 99))
+    return out
+
+
+def render_against(card: dict, records, method: str, fmt: str = "terminal") -> str:
+    """The `report --against METHOD` table: one row per cell, one column per metric: the difference to METHOD at
+    the same ratio "+1.23 [-0.40, +2.86]" (95% Welch interval over the seeds), "~" when the interval holds 0."""
+    rows = against_rows(card, records, method)
+    if not rows:
+        return f"No cell shares a ratio with {method} (or no finished records of {method}).\n"
+    metrics = list(dict.fromkeys(r["metric"] for r in rows))
+    parts = any(r["part"] for r in rows)
+    cells: dict = {}
+    for r in rows:
+        cells.setdefault((r["part"], r["method"], r["ratio_label"]), {})[r["metric"]] = r
+    header = (["Part"] if parts else []) + ["Method", "Ratio"] + [f"{m} - {method}" for m in metrics] + ["seeds (n)"]
+    body = []
+    for (part, meth, label), by_metric in cells.items():
+        row = ([part or ""] if parts else []) + [str(meth), str(label)]
+        ns = None
+        for m in metrics:
+            r = by_metric.get(m)
+            if r is None or r["diff"] is None:
+                row.append("-")
+                continue
+            d = _metric_decimals(card, m)
+            s = f"{r['diff']:+.{d}f}"
+            if r["lo"] is not None:
+                s += f" [{r['lo']:+.{d}f}, {r['hi']:+.{d}f}]" + (" ~" if r["noise"] else "")
+            else:
+                s += " (one seed: no interval)"
+            row.append(s)
+            ns = f"{r['n_a']} vs {r['n_b']}"
+        body.append(row + [ns or "-"])
+    lines = ([f"Differences to {method} at the same ratio (mean over seeds), with the 95% Welch confidence interval "
+              f"over the seeds; ~: the interval holds 0 (the difference is within the seed noise)"])
+    lines += _md_table(header, body) if fmt == "md" else _aligned(header, body)
     return "\n".join(lines) + "\n"

@@ -103,18 +103,23 @@ def expand_cells(card, profile: str, methods=None, ratios=None, seeds=None, devi
     cells = []
     for part in card_parts(card, profile):
         arch = part["arch"]
-        _, arch_cfg = MODELS.get(arch)
+        adapter_cls, arch_cfg = MODELS.get(arch)
         task_cls = TASKS.get(part["task"])
         # a task may need a head size (GLUE: num_labels 1 for STS-B, 3 for MNLI); the card's model_config wins
         task_cfg = getattr(task_cls, "model_config_overrides", None) or {}
         model_cfg = {**arch_cfg, **task_cfg, **prof.config_overrides}
         metrics = [m.to_dict() for m in card.metrics if (m.task or part["task"]) == part["task"]]
         data = _block(task_cls.Data, prof.data, f"{where}.data")
-        for m in sorted(methods, key=lambda m: (m != "dense", card.methods.index(m))):
+        for budget, m in [(b, m) for b in prof.budgets
+                          for m in sorted(methods, key=lambda m: (m != "dense", card.methods.index(m)))]:
             method = METHODS.get(m)
             skey = method.settings_key or m
             rlist = [DENSE_RATIO] if m == "dense" else [r.to_dict() for r in part["ratios"] if r.label in ratio_sel]
             for r in rlist:
+                finetune = _finetune_for(card, prof, method, skey, r["label"], budget)
+                if budget == "matched" and m != "dense" and finetune == _finetune_for(card, prof, method, skey,
+                                                                                       r["label"], "paper"):
+                    continue   # already at the matched budget (the reference method): its paper-budget row is it
                 for seed in seeds:
                     cfg = {
                         "record_version": RECORD_VERSION,
@@ -131,20 +136,89 @@ def expand_cells(card, profile: str, methods=None, ratios=None, seeds=None, devi
                                                   f"{where}.{skey}"),
                         "ratio": {"label": str(r["label"]), "p": float(r["p"])},
                         "ratio_meaning": card.ratio_meaning,
-                        "finetune": (prof.finetune_for(r["label"]).to_dict()
-                                     if prof.finetune and (method.finetune or method.uses_finetune_budget) else None),
+                        "finetune": finetune,
                         "seed": seed, "device": device,
                         "protocol": {"flops": card.protocol.flops.to_dict(), "throughput": throughput},
+                        # what the seed varies, and the version of every piece of code that determines the result:
+                        # a record of another version is never reused (bench report lists it as stale)
+                        "seed_varies": sorted(prof.seed_varies),
+                        "code_version": code_version(method, task_cls, adapter_cls),
                     }
                     if card.ratio_basis != "prunable":   # only then: keeps older hashes valid
                         cfg["ratio_basis"] = card.ratio_basis
-                    if part["part"]:                     # likewise, multi-part cards only
-                        cfg["part"] = part["part"]
+                    part_name = part["part"]
+                    if budget == "matched":              # the matched-budget rows are a part of their own
+                        cfg["budget"] = {"kind": "matched", "reference": _budget_reference(card, prof)}
+                        part_name = "/".join(x for x in (part_name, MATCHED_PART) if x)
+                    if part_name:                        # likewise, multi-part cards only
+                        cfg["part"] = part_name
                     cfg["hash"] = config_hash(cfg)
-                    prefix = f"{part['part'].replace('/', '-')}-" if part["part"] else ""
+                    prefix = f"{part_name.replace('/', '-')}-" if part_name else ""
                     cfg["cell_id"] = f"{prefix}{m}-{r['label']}-seed{seed}"
                     cells.append(cfg)
+    # seed outermost: a multi-seed run cut short has every method and ratio of its first seeds (dense first)
+    cells.sort(key=lambda c: seeds.index(c["seed"]))
     return cells
+
+
+MATCHED_PART = "matched"
+
+
+def _budget_reference(card, prof) -> str:
+    """The method whose total training (its own phase before the finetune + the finetune) every method gets under
+    `budget: matched`: the profile's budget_reference, else the first method of the card that trains before its
+    finetune (UPop's search, GOHSP's ADMM stage, VTrans's mask phase)."""
+    if prof.budget_reference:
+        return prof.budget_reference
+    for m in card.methods:
+        method = METHODS.get(m)
+        label = card.ratios[0].label
+        if m != "dense" and method.compress_epochs(_settings(method, prof, label)) > 0:
+            return m
+    raise BenchError(f"card {card.table}: budgets has matched, but no method trains before its finetune; set "
+                     f"budget_reference: <method> in the profile")
+
+
+def _settings(method, prof, label):
+    return parse_block(method.Settings, prof.method_settings_for(method.settings_key or method.name, label) or {},
+                       f"settings of {method.name}")
+
+
+def _finetune_for(card, prof, method, skey, label, budget) -> dict | None:
+    """A cell's finetune recipe. paper: the card's (per ratio). matched: its epochs set so that the method's own
+    training before the finetune plus the finetune equal the reference method's (SOMP finetunes for UPop's
+    search + retrain epochs; SGMP's gradual schedule, a fraction of its finetune, stretches with it)."""
+    if not (prof.finetune and (method.finetune or method.uses_finetune_budget)):
+        return None
+    recipe = prof.finetune_for(label)
+    if budget == "matched":
+        ref = METHODS.get(_budget_reference(card, prof))
+        ref_total = ref.compress_epochs(_settings(ref, prof, label)) + (recipe.epochs if ref.finetune else 0.0)
+        own = method.compress_epochs(_settings(method, prof, label))
+        if own > ref_total:
+            raise BenchError(f"card {card.table}: budget matched: {method.name} trains {own:g} epochs before its "
+                             f"finetune at {label}, more than {ref.name}'s total {ref_total:g}; choose another "
+                             f"budget_reference")
+        recipe = recipe.with_(epochs=ref_total - own)
+    return recipe.to_dict()
+
+
+def code_version(method_cls, task_cls, adapter_cls) -> dict:
+    """The versions of the code behind a cell (part of its hash): the suite's `__version__`, the training loop's
+    TRAINING_VERSION, the measuring code's MEASURE_VERSION, and the VERSION of its method, task (with its micro
+    generator) and model adapter, which their authors bump when a change alters results."""
+    import bench
+    from bench.training import TRAINING_VERSION
+    return {"bench": bench.__version__, "training": TRAINING_VERSION, "measure": measure.MEASURE_VERSION,
+            "method": int(getattr(method_cls, "VERSION", 1)), "task": int(getattr(task_cls, "VERSION", 1)),
+            "model": int(getattr(adapter_cls, "VERSION", 1))}
+
+
+def seed_for(cfg: dict, part: str, offset: int = 0) -> int:
+    """The seed a part of the cell uses (profiles.<p>.seed_varies): the cell's seed if the profile says the seed
+    varies that part, else 0 (the same for every seed); plus `offset` (the finetune's +1000)."""
+    varies = cfg.get("seed_varies")
+    return (cfg["seed"] if varies is None or part in varies else 0) + offset
 
 
 def _checkpoint(prof, part: dict):
@@ -165,8 +239,9 @@ class Session:
 
     def __init__(self, paths: Paths, log=print, checkpoint_every_steps: int = 0, checkpoint_every_minutes: float = 0.0,
                  quiet: bool = False):
+        from bench import distributed as dist
         self.paths = paths
-        self.log = log
+        self.log = log if dist.is_main() else (lambda msg: None)   # data parallel: rank 0 logs
         self._tasks: dict = {}
         # training-state checkpoints inside a phase (bench.train_state) and progress lines (bench.progress):
         # how the run is carried out, not what it computes, so they are not in any config hash
@@ -178,7 +253,12 @@ class Session:
         if key not in self._tasks:
             task_cls = TASKS.get(cfg["task"])
             t = task_cls(cfg["data"], self.paths.data_root, task_profile(cfg), self.paths.cache)
+            from bench import distributed as dist
+            if not dist.is_main():   # data parallel: rank 0 generates the micro data first, the others then read it
+                dist.barrier()
             t.prepare()
+            if dist.is_main():
+                dist.barrier()
             self._tasks[key] = t
         return self._tasks[key]
 
@@ -227,8 +307,12 @@ class Session:
         adapter = adapter_cls(cfg["model"], cfg["model_config"])
         recipe = cfg.get("dense_training")
         key = {"model": cfg["model"], "model_config": cfg["model_config"], "task": task.fingerprint(),
-               "training": recipe, "seed": cfg["seed"]}
-        torch.manual_seed(cfg["seed"])
+               "training": recipe, "seed": seed_for(cfg, "dense")}
+        if seed_for(cfg, "data_order") != key["seed"]:   # only then: the default keeps the key of older caches
+            key["data_seed"] = seed_for(cfg, "data_order")
+        if cfg.get("code_version"):   # a dense model of an older training loop, task or adapter is not reused
+            key["code_version"] = {k: cfg["code_version"][k] for k in ("bench", "training", "task", "model")}
+        torch.manual_seed(seed_for(cfg, "dense"))
         if cfg.get("checkpoint"):
             self.check_checkpoint(cfg)
             model = adapter.build()
@@ -251,25 +335,36 @@ class Session:
         from bench.locks import held, lock_path_for
         # one process trains a dense model (xdist workers, concurrent runs, cluster jobs): the others wait here,
         # then load what it cached
-        with held(lock_path_for(folder), f"the dense model {folder.name}", log=self.log, write_owner=True):
-            if (folder / "model.safetensors").is_file():
-                model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        import contextlib
+
+        from bench import distributed as dist
+        # data parallel: rank 0 holds the lock and decides; a cached model reaches the others by broadcast, a
+        # training runs on every rank together and rank 0 writes it
+        with (held(lock_path_for(folder), f"the dense model {folder.name}", log=self.log, write_owner=True)
+              if dist.is_main() else contextlib.nullcontext()):
+            if dist.broadcast_object((folder / "model.safetensors").is_file() if dist.is_main() else None):
+                if dist.is_main():
+                    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+                dist.broadcast_module(model)
                 return adapter, model.to(device).eval(), {"dense_s": 0.0, "model_tag": tag,
                                                           "training": _cached_training(folder)}
             self.log(f"{what} (cached for later cells and runs)")
-            stats = train(model, task, device=device, seed=cfg["seed"], log=self.log, adapter=adapter, phase="dense",
+            stats = train(model, task, device=device, seed=seed_for(cfg, "data_order"), log=self.log, adapter=adapter,
+                          phase="dense",
                           state_dir=folder / "train_state", **self.train_options, **recipe)
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".model.safetensors.{uuid.uuid4().hex}.tmp"   # unique: concurrent runs may write at once
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-            write_json_atomic(folder / "training.json", {"key": key, "stats": stats})
-            tmp.replace(folder / "model.safetensors")
+            if dist.is_main():
+                folder.mkdir(parents=True, exist_ok=True)
+                from bench.locks import unique_tmp   # unique (concurrent runs may write at once), with the writer's pid
+                tmp = unique_tmp(folder / "model.safetensors")   # so that the next run removes it if the writer died
+                save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+                write_json_atomic(folder / "training.json", {"key": key, "stats": stats})
+                tmp.replace(folder / "model.safetensors")
         return adapter, model.eval(), {"dense_s": stats["seconds"], "model_tag": tag,
                                        "training": training_summary(stats)}
 
 
-TRAINING_SUMMARY_KEYS = ("steps", "precision", "micro_batch_size", "accumulation_steps", "seconds",
-                         "resumed_from_step")
+TRAINING_SUMMARY_KEYS = ("steps", "epochs", "precision", "micro_batch_size", "accumulation_steps",
+                         "world_size", "seconds", "resumed_from_step")
 
 
 def training_summary(stats: dict) -> dict:
@@ -306,11 +401,22 @@ def _checkpoint_identity(path: Path) -> list:
     return [[str(p.relative_to(path.parent)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
-def reuse_record(output: Path, cfg: dict):
+def reuse_record(output: Path, cfg: dict, force: bool = False):
+    """The finished record of this cell (same hash: same resolved config and code versions), judged again against
+    the card's current references (and rewritten when its status changes); None to run it (no record, an error
+    record, or `force`: bench run --force)."""
+    if force:
+        return None
     rec = read_record(record_path(output, cfg["table"], cfg["hash"]))
-    if rec and rec.get("status") != "error":
-        return rec
-    return None
+    if not rec or rec.get("status") == "error" or (rec.get("config") or {}).get("hash") != cfg["hash"]:
+        return None
+    try:
+        changed = judge_reference(rec, load_checked_card(cfg["table"]))
+    except BenchError:
+        changed = False
+    if changed:
+        write_record(output, rec)
+    return rec
 
 
 def run_cell(cfg: dict, session: Session) -> dict:
@@ -329,6 +435,11 @@ def run_cell(cfg: dict, session: Session) -> dict:
     record["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
     from bench.locks import runner_identity
     record["runner"] = runner_identity()   # pid, host, xdist worker, job id: who computed it
+    from bench import distributed as dist
+    if dist.is_distributed():   # rank 0 evaluated, measured and judged: its record is every rank's, and it writes
+        record = dist.broadcast_object(record)
+        if not dist.is_main():
+            return record
     write_record(session.paths.output, record)
     return record
 
@@ -368,12 +479,13 @@ def _run_cell(cfg, session: Session, record: dict):
     dense_copy = copy.deepcopy(model).cpu() if cfg["method"] != "dense" else None   # for paired timing
 
     # method: search / prune / train -> keep-masks
-    torch.manual_seed(cfg["seed"])
+    torch.manual_seed(seed_for(cfg, "pruning"))
     method_cls = METHODS.get(cfg["method"])
     finetune = parse_block(TrainRecipe, cfg["finetune"], "finetune") if cfg["finetune"] else None
     settings = {"finetune": finetune,
                 "method": parse_block(method_cls.Settings, cfg["method_settings"], f"{cfg['profile']}.{cfg['method']}")}
-    trainer = functools.partial(train, task=task, device=device, seed=cfg["seed"], log=session.log, adapter=adapter)
+    trainer = functools.partial(train, task=task, device=device, seed=seed_for(cfg, "data_order"), log=session.log,
+                                adapter=adapter)
     state_root = cell_dir(session.paths.output, cfg["table"], cfg["hash"]) / "train_state"
     method_calls = []
 
@@ -393,19 +505,25 @@ def _run_cell(cfg, session: Session, record: dict):
     ctx = CellContext(model=model, adapter=adapter, structure=structure, task=task,
                       ratio=RatioSpec(cfg["ratio"]["label"], cfg["ratio"]["p"], cfg["ratio_meaning"]),
                       options=parse_block(method_cls.Options, cfg["method_options"], f"method_options.{cfg['method']}"),
-                      settings=settings, device=device, seed=cfg["seed"],
+                      settings=settings, device=device, seed=seed_for(cfg, "pruning"),
                       train=method_train, log=session.log)
     method = method_cls()
     t = time.perf_counter()
     keep = method.prune(ctx)
     record["timings"]["prune_s"] = round(time.perf_counter() - t, 3)
+    from bench import distributed as dist
+    if dist.is_distributed():   # every rank must extract the same subnet: a CellFailure names the groups otherwise
+        check = dist.check_identical(keep, "keep-masks")
+        ctx.info["data_parallel"] = {"world_size": check["world_size"], "backend": dist.backend(),
+                                     "keep_masks_identical": True, "keep_masks_hash": check["hash"]}
+        session.log(f"keep-masks checked identical on all {check['world_size']} ranks (hash {check['hash']})")
     structure = ctx.structure
     counts = kept_param_count(model, structure, keep)
 
     # extract -> smaller model, saved as a manifest
     extract(model, adapter, structure, keep, ctx.extract_options)
     record["retention"] = retention(structure, keep)
-    if cfg["method"] != "dense":
+    if cfg["method"] != "dense" and dist.is_main():
         from bench.report import retention_heatmap
         retention_heatmap(record, cell_dir(session.paths.output, cfg["table"], cfg["hash"]) / "retention.png")
     record["method_info"] = ctx.info
@@ -413,16 +531,26 @@ def _run_cell(cfg, session: Session, record: dict):
     # finetune as the card says
     if method.finetune and cfg["finetune"]:
         t = time.perf_counter()
-        stats = train(model, task, device=device, seed=cfg["seed"] + 1000, log=session.log, adapter=adapter,
-                      phase="finetune", state_dir=state_root / "finetune", **session.train_options, **cfg["finetune"])
+        if "finetune" not in cfg.get("seed_varies", ["finetune"]):   # the same finetune randomness for every seed
+            torch.manual_seed(seed_for(cfg, "finetune", 1000))
+        # selection: paper (bench.selection): evaluate every epoch, keep the best one's weights, label the row
+        from bench.selection import EpochSelection
+        selection = EpochSelection.for_cell(cfg, task, model, device, session.log)
+        stats = train(model, task, device=device, seed=seed_for(cfg, "data_order", 1000), log=session.log, adapter=adapter,
+                      phase="finetune", state_dir=state_root / "finetune", **session.train_options, **cfg["finetune"],
+                      **(selection.train_kwargs() if selection is not None else {}))
+        if selection is not None:
+            record["selection"] = selection.finish()
         record["method_info"]["finetune"] = stats
         record["training"]["finetune"] = training_summary(stats)
         record["timings"]["finetune_s"] = round(time.perf_counter() - t, 3)
+    if not dist.is_main():   # data parallel: rank 0 alone saves, evaluates (the whole split) and measures
+        return
     save_manifest(cell_dir(session.paths.output, cfg["table"], cfg["hash"]), model, cfg["model"],
                   cfg["model_config"], structure, keep, ctx.extract_options,
                   extra={"table": cfg["table"], "cell": cfg["cell_id"]})
 
-    # evaluate on the card's splits (final model; no selection on the reported split)
+    # evaluate on the card's splits (final model; with finetune.selection paper the selected epoch's, labelled)
     t = time.perf_counter()
     for split in dict.fromkeys(m["split"] for m in cfg["metrics"]):
         res = task.evaluate(model, split, device)
@@ -507,9 +635,22 @@ def _judge(cfg, record, structure, counts):
         if gap > one_unit:
             problems.append(f"removed {record['params']['removed']} params, target {record['params']['target_removed']} "
                             f"(off by {gap} > one unit per kind = {one_unit})")
-    card = load_checked_card(cfg["table"])
+    record["problems"] = problems   # kept, so that a reused record can be judged again (judge_reference)
+    judge_reference(record, load_checked_card(cfg["table"]))
+
+
+def judge_reference(record: dict, card) -> bool:
+    """Set the record's reference checks and status from its invariant problems (`record["problems"]`) and the
+    card's current references and tolerances; a reused record is judged again this way, so an edited reference
+    or tolerance applies to it. An error record is left alone. Returns whether the status or the checks changed."""
+    if record.get("status") == "error" or record.get("params") is None or record.get("flops") is None:
+        return False
+    cfg = record["config"]
+    before = (record.get("status"), record.get("reason"), record.get("reference"))
+    problems = list(record.get("problems") or [])
     ref = card.reference_row(cfg["method"], cfg["ratio"]["label"], cfg["profile"], cfg.get("part"))
     checks = []
+    record["reference"] = None
     if ref:
         tol = card.references.tolerance
         got = {**record["metrics"], "params_m": record["params"]["total"] / 1e6,
@@ -528,9 +669,80 @@ def _judge(cfg, record, structure, counts):
         record["reason"] = "; ".join(problems + [f"{c['name']} {c['value']:.4g} vs paper {c['paper']} (tol {c['tolerance']})"
                                                  for c in bad])
     else:
-        record["status"] = "pass" if checks else "no_ref"
+        record["status"], record["reason"] = ("pass" if checks else "no_ref"), None
+    return (record["status"], record["reason"], record["reference"]) != before
+
+
+def current_records(card, output: Path, profile: str) -> tuple[list, list]:
+    """(current, stale) records of a card under `profile`. Current: the record of a cell the card asks for now
+    (its hash is the hash of the cell's config resolved from the current card and code, for any ratio, seed and
+    device it was run with), judged again against the current references. Stale: every other record of the
+    table and profile (an older card version or config, older code): never reused, never in the table, the
+    CSV or the plot; returned as [(record, why)] with what differs from the current cell. `card`: a Card, the
+    card's dict or its name."""
+    card = load_checked_card(card) if isinstance(card, str) else parse_card(card)
+    recs = load_records(output, card.table, profile)
+    if not recs:
+        return [], []
+    seeds = ",".join(str(s) for s in sorted({r["seed"] for r in recs if isinstance(r.get("seed"), int)}))
+    labels = ",".join(card.ratio_by_label())
+    want = {}
+    for dev in sorted({(r.get("config") or {}).get("device") or "cpu" for r in recs}):
+        try:
+            cells = expand_cells(card, profile, None, labels, seeds or None, dev)
+        except BenchError:
+            cells = []
+        want.update({c["hash"]: c for c in cells})
+    by_cell = {(c.get("part"), c["method"], c["ratio"]["label"], c["seed"], c["device"]): c for c in want.values()}
+    current, stale = [], []
+    for r in recs:
+        cfg = r.get("config") or {}
+        if r.get("hash") in want and cfg.get("hash") == r.get("hash"):
+            judge_reference(r, card)
+            current.append(r)
+        else:
+            now = by_cell.get((cfg.get("part"), r.get("method"), r.get("ratio_label"), r.get("seed"), cfg.get("device")))
+            stale.append((r, _differences(cfg, now) if now else "no such cell in the current card"))
+    return current, stale
+
+
+def _differences(old: dict, new: dict, limit: int = 4) -> str:
+    """What differs between a stale record's config and the current cell's: "code_version.method 1 -> 2"."""
+    diffs = []
+    for k in sorted(set(old) | set(new)):
+        if k in ("hash", "cell_id"):
+            continue
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if k not in old:
+            diffs.append(f"{k} not in the record (an older suite)")
+        elif k not in new:
+            diffs.append(f"{k} no longer in the config")
+        elif isinstance(a, dict) and isinstance(b, dict):
+            sub = [f"{k}.{j} {a.get(j)!r} -> {b.get(j)!r}" for j in sorted(set(a) | set(b)) if a.get(j) != b.get(j)]
+            diffs += sub if len(sub) <= 2 else [f"{k} ({len(sub)} keys)"]
+        else:
+            diffs.append(f"{k} {a!r} -> {b!r}" if not isinstance(a, (dict, list)) and not isinstance(b, (dict, list))
+                         else f"{k} changed")
+    return "; ".join(diffs[:limit]) + (f"; ... ({len(diffs) - limit} more)" if len(diffs) > limit else "") \
+        or "same config, other hash"
+
+
+def format_stale(stale: list) -> str:
+    """One line per stale record (bench report, the end of a run)."""
+    if not stale:
+        return ""
+    lines = [f"{len(stale)} stale record{'s' if len(stale) > 1 else ''} (another card version, config or code "
+             f"version: not reused, not in the table; `bench run` computes the current cells):"]
+    for r, why in sorted(stale, key=lambda t: (t[0].get("method") or "", str(t[0].get("ratio_label")),
+                                               t[0].get("seed") or 0, t[0].get("date_utc") or "")):
+        lines.append(f"  stale {r.get('method')}-{r.get('ratio_label')}-seed{r.get('seed')} "
+                     f"{r.get('hash')} ({r.get('date_utc')}): {why}")
+    return "\n".join(lines) + "\n"
 
 
 def table_records(card, paths: Paths, profile: str) -> list:
-    return load_records(paths.output, parse_card(card).table, profile)
+    """The current records of a card (see `current_records`)."""
+    return current_records(card, paths.output, profile)[0]
 

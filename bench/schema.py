@@ -37,6 +37,8 @@ RELATION_KINDS = {
     "speedup": ("ratio", "value", "tolerance"),
 }
 Number = float   # strict: an int or a float, never a string
+# what a cell's seed may vary (profiles.<name>.seed_varies)
+SEED_PARTS = ("data_order", "dense", "pruning", "finetune")
 
 
 def _tolerance(v):
@@ -99,6 +101,12 @@ class Profile(OptionsModel):
     data: dict = Field({}, description="the task's data keys (bench ls tasks --options)")
     tasks: list[str] | None = Field(None, description="multi-task cards: the tasks this profile runs (default: all)")
     ratios: list[str] | None = Field(None, description="the ratio labels this profile runs by default (default: all)")
+    seed_varies: list[Literal[tuple(SEED_PARTS)]] = Field(
+        list(SEED_PARTS), description="what a cell's seed varies: data_order (the order of the training batches of "
+                                      "every phase), dense (the dense model's initialisation and training), pruning "
+                                      "(the method's own randomness), finetune (the finetune's randomness); the parts "
+                                      "not listed use seed 0 for every seed. Default: all four (each seed trains its "
+                                      "own dense model when the profile trains one)")
     dense: TrainRecipe | None = Field(None, description="train the dense model with this recipe (from scratch, or from "
                                                         "the checkpoint when one is given)")
     checkpoint: str | None = Field(None, description="the dense model's weights: a file or a transformers folder, "
@@ -109,6 +117,14 @@ class Profile(OptionsModel):
     finetune: TrainRecipe | None = Field(None, description="the finetune after pruning (recipe keys: bench ls recipe)")
     throughput: ThroughputOverride | None = Field(None, description="overrides of protocol.throughput for this profile")
     method_settings: dict[str, dict] = Field({}, description="per-method budgets, written as `<method>: {...}` keys")
+    budgets: list[Literal["paper", "matched"]] = Field(
+        ["paper"], min_length=1,
+        description="training budgets to run: paper (each method as its paper: e.g. UPop searches, then retrains "
+                    "for finetune.epochs; SOMP only finetunes) and/or matched (every method's training before and "
+                    "in its finetune adds up to the budget_reference method's; its rows form the part 'matched')")
+    budget_reference: str | None = Field(
+        None, description="budget matched: the method whose search + finetune epochs every method gets (default: the "
+                          "card's first method that trains before its finetune, e.g. upop)")
     per_ratio: dict[str, dict[str, dict]] = Field(
         {}, description="budgets that differ by ratio: {ratio label: {finetune or a method's block: the keys that "
                         "change}} (UPop NLVR2: 2x 15, 3x 20, 4x 23, 5x 24, 10x 27 search + retrain epochs)")
@@ -341,6 +357,10 @@ def check_against_registry(card: Card) -> list:
             errs += [e + (f" (task {t})" if len(tasks) > 1 else "") for e in block_errors(TASKS.get(t).Data, prof.data, f"{where}.data")]
         if any(METHODS.get(m).finetune for m in methods) and prof.finetune is None:
             errs.append(f"{where}: missing finetune: (the recipe of the finetune after pruning: epochs, lr, batch_size)")
+        if prof.budget_reference is not None and prof.budget_reference not in card.methods:
+            errs.append(f"{where}.budget_reference: {prof.budget_reference!r} is not in methods {card.methods}")
+        if prof.budget_reference is not None and "matched" not in prof.budgets:
+            errs.append(f"{where}.budget_reference: only used with budgets: [.., matched]; add matched or remove it")
         settings_of = {METHODS.get(m).settings_key or m: m for m in methods}
         for key, block in prof.method_settings.items():
             if key not in settings_of:
@@ -373,6 +393,14 @@ def check_against_registry(card: Card) -> list:
         for block_name, recipe in (("dense", prof.dense), ("finetune", prof.finetune)):
             if recipe is None:
                 continue
+            if block_name == "dense" and recipe.selection != "final":
+                errs.append(f"{where}.dense.selection: only the finetune after pruning selects an epoch "
+                            f"(selection: paper); the dense training keeps its final model")
+            if recipe.selection_metric is not None:
+                for t in prof.tasks or known_tasks:
+                    if t in TASKS and recipe.selection_metric not in TASKS.get(t).metrics:
+                        errs.append(f"{where}.{block_name}.selection_metric: task {t} does not compute "
+                                    f"{recipe.selection_metric!r} (it has {sorted(TASKS.get(t).metrics)})")
             changed = recipe.changed_keys()
             for t in prof.tasks or known_tasks:
                 if t not in TASKS:

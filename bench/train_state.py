@@ -13,7 +13,8 @@ file, never half of one; the last `KEEP` are kept and the phase removes its own 
   those batches again: nothing for the synthetic micro data, about the data-loading time of the steps done
   for the image folders of the paper profile (a few minutes for an ImageNet epoch on 8 workers);
 - the global RNG states (torch CPU and CUDA, numpy, python), restored after the replay, so dropout, drop
-  path and anything else drawn from them continue the same sequence;
+  path and anything else drawn from them continue the same sequence (data parallel: rank 0 writes the file,
+  with every rank's RNG states gathered into `rng_by_rank`, and each rank restores its own);
 - what the caller's `state_hooks=(get_state, set_state)` return (a method's masks, accumulated importance):
   tensors and plain Python values (the file is read with `torch.load(weights_only=True)`: no pickled code);
 - a fingerprint (phase, recipe, steps, micro-batches, seed, precision, device type): a checkpoint written
@@ -37,13 +38,17 @@ REPORTING_KEYS = ("log_every",)   # recipe keys that do not change the result: n
 
 
 def fingerprint(phase: str, recipe, total: int, steps_per_epoch: int, accum: int, seed: int,
-                precision: str = "fp32", device: str = "cpu") -> dict:
+                precision: str = "fp32", device: str = "cpu", world: int = 1) -> dict:
     """What a checkpoint must have been written for to be resumed from (the resolved precision and the device
-    type too: a dense model's cache folder is shared by CPU and CUDA runs)."""
+    type too: a dense model's cache folder is shared by CPU and CUDA runs; the data-parallel world size, whose
+    checkpoints hold one RNG state per rank and count the batches each rank drew)."""
     r = {k: v for k, v in recipe.model_dump(mode="json").items() if k not in REPORTING_KEYS}
-    return {"version": STATE_VERSION, "phase": phase, "recipe": r, "total": total,
-            "steps_per_epoch": steps_per_epoch, "accumulation_steps": accum, "seed": seed,
-            "precision": precision, "device": device}
+    fp = {"version": STATE_VERSION, "phase": phase, "recipe": r, "total": total,
+          "steps_per_epoch": steps_per_epoch, "accumulation_steps": accum, "seed": seed,
+          "precision": precision, "device": device}
+    if world > 1:   # only then: one-process checkpoints keep their fingerprint
+        fp["world_size"] = world
+    return fp
 
 
 def rng_state() -> dict:

@@ -21,6 +21,10 @@ import torch
 from bench.errors import BenchError, CellFailure
 from bench.recipe import MODEL_RECIPE_KEYS, TASK_RECIPE_KEYS, TrainRecipe
 
+# The version of this training loop: part of every cell's record hash (bench.runner.code_version). Bump it
+# when a change here alters what a training phase computes, so that records trained by the old loop are not reused.
+TRAINING_VERSION = 1
+
 
 def cosine_lr(step: int, total: int, base_lr: float, warmup: int = 0, min_lr: float = 0.0) -> float:
     """The default schedule (cosine per step, warm-up from 0): `lr_at` with the recipe's default keys."""
@@ -160,12 +164,18 @@ def resolve_precision(precision: str, device) -> str:
     return precision
 
 
+def _tensors_outside(model, params) -> list:
+    """[(name, tensor)] of the tensors set on the model's modules that take gradients but are no parameter of the
+    optimizer (a search method's activation masks, `ModelAdapter.attach_unit_masks`), in module order."""
+    ids = {id(p) for p in params}
+    return [(f"{n}.{k}" if n else k, v) for n, mod in model.named_modules() for k, v in vars(mod).items()
+            if isinstance(v, torch.Tensor) and v.requires_grad and id(v) not in ids]
+
+
 def _grad_tensors_outside(model, params) -> list:
     """Names of tensors that take gradients but are no parameter of the optimizer (a search method's activation
     masks, `ModelAdapter.attach_unit_masks`)."""
-    ids = {id(p) for p in params}
-    return [f"{n}.{k}" if n else k for n, mod in model.named_modules() for k, v in vars(mod).items()
-            if isinstance(v, torch.Tensor) and v.requires_grad and id(v) not in ids]
+    return [n for n, _ in _tensors_outside(model, params)]
 
 
 def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, seed: int,
@@ -173,7 +183,7 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
           extra_loss: Callable[[], torch.Tensor] | None = None, adapter=None, phase: str = "train",
           state_dir=None, state_every_steps: int | None = None, state_every_minutes: float | None = None,
           state_hooks: tuple[Callable[[], object], Callable[[object], None]] | None = None, quiet: bool = False,
-          **recipe_fields) -> dict:
+          sync_tensors: Callable[[], list] | None = None, **recipe_fields) -> dict:
     """Train `model` on `task` as `recipe` says (or the recipe made of the keyword `recipe_fields`: epochs,
     lr, batch_size, ... as in a card's finetune block; an unknown key is a BenchError). `adapter` (the model's
     ModelAdapter) declares the no-decay tensors and implements drop_path. `on_step(step, total)` runs after
@@ -196,17 +206,44 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
     the caller's own state (a method's masks and accumulated importance) with it. Progress (`bench.progress`):
     a live line on a terminal, plain periodic lines through `log` otherwise, nothing with `quiet`.
 
+    Data parallelism (`bench.distributed`, under torchrun with WORLD_SIZE > 1): the effective batch, the steps
+    and the schedule stay the card's. Every rank draws the same global stream of micro-batches of
+    `micro_batch_size` (default batch_size / world size) from `task.train_batches(micro, seed)` and keeps
+    micro-batch i when i mod world == rank (`bench.distributed.shard`), so an optimizer step sees the same
+    samples as one process with that micro-batch; each rank accumulates batch_size / (world x micro) of them
+    (`accumulation_steps`, per rank), then the gradients of the optimizer's parameters and of every tensor
+    outside it that takes gradients (`_grad_tensors_outside` at the start, e.g. UPop's masks, plus
+    `sync_tensors`) are averaged over the ranks (`average_grads`), so every rank takes the same step and the
+    same mask decisions. The step's loss is the mean over the ranks, checked for NaN on every rank together.
+    Rank 0's parameters are broadcast at the start; ranks > 0 reseed the global RNG (dropout, drop path) with
+    seed + 1000003 x rank, and at the end every rank gets rank 0's RNG state back. Checkpoints: rank 0 decides
+    when one is due and writes it, with every rank's RNG state; on resume every rank reads the file rank 0
+    found. Progress and logs: rank 0 only.
+
     Returns {steps, epochs, final_loss (mean over the last epoch's steps), seconds, optimizer, lr_first,
-    lr_last, precision, micro_batch_size, accumulation_steps, ...; resumed_from_step when resumed}."""
+    lr_last, precision, micro_batch_size, accumulation_steps, world_size, ...; resumed_from_step when resumed}."""
     from bench.progress import Progress
     from bench.train_state import TrainState, fingerprint, rng_state, set_rng_state
     recipe = as_recipe(recipe, **recipe_fields)
     check_recipe(recipe, task, adapter)
     precision = resolve_precision(recipe.precision, device)
+    from bench import distributed as dist
+    world, rank = dist.world_size(), dist.rank()
+    main = rank == 0
     micro = recipe.micro_batch_size or recipe.batch_size
     if recipe.batch_size % micro:      # a TrainRecipe refuses it already; a hand-made one too
         raise BenchError(f"training recipe: micro_batch_size {micro} does not divide batch_size {recipe.batch_size}")
-    accum = recipe.batch_size // micro
+    if world > 1:
+        if recipe.micro_batch_size is None:
+            micro = recipe.batch_size // world
+        if micro < 1 or recipe.batch_size % (world * micro):
+            fix = (f"set micro_batch_size to a divisor of {recipe.batch_size // world} (= batch_size / {world})"
+                   if recipe.batch_size % world == 0 else
+                   f"run on a number of processes that divides batch_size {recipe.batch_size}")
+            raise BenchError(f"training recipe ({phase}): batch_size {recipe.batch_size} is not divisible by world "
+                             f"size {world} x micro_batch_size {micro}: each of the {world} ranks takes batch_size / "
+                             f"{world} samples per optimizer step in micro-batches of micro_batch_size; {fix}")
+    accum = recipe.batch_size // (micro * world)
     steps_per_epoch = task.steps_per_epoch(recipe.batch_size)
     total, _, _ = schedule_units(recipe, steps_per_epoch)
     groups = param_groups(model, recipe, adapter)
@@ -229,17 +266,29 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
     autocast = (lambda: torch.autocast(dev_type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
     undo = _apply_drop_path(model, adapter, recipe.drop_path) if recipe.drop_path is not None else None
     model.to(device).train()
+    synced = []   # data parallel: the tensors whose gradients are averaged over the ranks after each step
+    if world > 1:
+        log = log if main else None
+        dist.broadcast_module(model)   # every rank starts from rank 0's weights
+        synced = params + [t for _, t in _tensors_outside(model, params)]
+        if rank:   # each rank its own dropout / drop-path draws (the data order is the global one, sharded)
+            torch.manual_seed(seed + 1000003 * rank)
     t0 = time.perf_counter()
     losses, lrs, clipped = [], [], 0
     start, drawn, seconds_before, resumed = 0, 0, 0.0, {}
     store = (TrainState(state_dir, phase, state_every_steps or 0, state_every_minutes or 0.0, log=log)
              if state_dir is not None and total else None)
-    fp = (fingerprint(phase, recipe, total, steps_per_epoch, accum, seed, precision, dev_type)
+    fp = (fingerprint(phase, recipe, total, steps_per_epoch, accum, seed, precision, dev_type, world=world)
           if store is not None else None)
     progress = None
     try:
-        batches = task.train_batches(micro, seed, recipe=recipe) if total else iter(())
-        found = store.latest(fp) if store is not None else None
+        batches = dist.shard(task.train_batches(micro, seed, recipe=recipe)) if total else iter(())
+        found = store.latest(fp) if store is not None and main else None
+        if world > 1 and store is not None:   # the checkpoint rank 0 found, read by every rank
+            where = dist.broadcast_object(str(found[1]) if found is not None else None)
+            if where is not None and not main:
+                from pathlib import Path
+                found = (torch.load(where, map_location="cpu", weights_only=True), Path(where))
         if found is not None:
             state, path = found
             model.load_state_dict(state["model"])
@@ -252,7 +301,8 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
             tr = time.perf_counter()
             for _ in range(drawn):     # the iterator's position: made again from the seed, replayed
                 next(batches)
-            set_rng_state(state["rng"])
+            by_rank = state.get("rng_by_rank")
+            set_rng_state(by_rank[rank] if by_rank is not None and rank < len(by_rank) else state["rng"])
             if state_hooks is not None:
                 state_hooks[1](state["hooks"])
             resumed = {"resumed_from_step": start, "resume_replay_s": round(time.perf_counter() - tr, 3)}
@@ -260,9 +310,9 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
                    f"{resumed['resume_replay_s']:.1f} s)")
             if log is not None:
                 log(msg)
-            else:
+            elif main:
                 print(msg, file=sys.stderr, flush=True)
-        progress = Progress(phase, total, recipe.batch_size, log=log, quiet=quiet, start=start)
+        progress = Progress(phase, total, recipe.batch_size, log=log, quiet=quiet or not main, start=start)
         for step in range(start, total):
             cur = lr_at(step, recipe, steps_per_epoch)
             for g in opt.param_groups:
@@ -278,11 +328,19 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
                     loss = loss / accum
                 if extra_loss is not None and i == accum - 1:
                     loss = loss + extra_loss()
-                if not torch.isfinite(loss):
+                if world == 1 and not torch.isfinite(loss):
                     where = f" (micro-batch {i + 1}/{accum})" if accum > 1 else ""
                     raise CellFailure(f"non-finite loss ({loss.item()}) at step {step}/{total}{where}")
                 (scaler.scale(loss) if scaler is not None else loss).backward()
                 step_loss += loss.item()
+            if world > 1:   # the step's loss is the mean over the ranks; all ranks stop together on a NaN
+                per_rank = dist.per_rank_values(step_loss)
+                bad = [r for r, v in enumerate(per_rank) if not math.isfinite(v)]
+                if bad:
+                    raise CellFailure(f"non-finite loss at step {step}/{total} on rank(s) "
+                                      f"{', '.join(map(str, bad))} of {world} ({[per_rank[r] for r in bad]})")
+                step_loss = sum(per_rank) / world
+                dist.average_grads(synced + (list(sync_tensors()) if sync_tensors is not None else []))
             if recipe.clip_grad is not None:
                 if scaler is not None:
                     scaler.unscale_(opt)
@@ -301,27 +359,32 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
             if log and le and (step + 1) % le == 0:
                 progress.write(f"step {step + 1}/{total} loss {sum(losses[-le:]) / le:.4f} lr {cur:.2e}")
             progress.update(step + 1, step_loss, cur)
-            if store is not None and store.due(step + 1, total):
-                store.save({"fingerprint": fp, "step": step + 1, "batches_drawn": drawn,
-                            "model": model.state_dict(), "optimizer": opt.state_dict(),
-                            "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_state(),
-                            "losses": losses, "lrs": lrs, "clipped": clipped,
-                            "seconds": seconds_before + time.perf_counter() - t0,
-                            "hooks": state_hooks[0]() if state_hooks is not None else None}, step + 1)
+            if store is not None and dist.agree(store.due(step + 1, total) if main else False):
+                rngs = dist.all_gather_object(rng_state()) if world > 1 else None
+                if main:
+                    store.save({"fingerprint": fp, "step": step + 1, "batches_drawn": drawn,
+                                "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_state(),
+                                "losses": losses, "lrs": lrs, "clipped": clipped,
+                                "seconds": seconds_before + time.perf_counter() - t0,
+                                "hooks": state_hooks[0]() if state_hooks is not None else None,
+                                **({"rng_by_rank": rngs} if rngs is not None else {})}, step + 1)
     finally:
         if progress is not None:
             progress.close()
         if undo is not None:
             undo()
-    if store is not None:
+    if store is not None and main:
         store.clear()
+    if world > 1:
+        dist.sync_rng()   # outside the phase every rank draws the same numbers again
     model.eval()
     tail = losses[-max(1, steps_per_epoch):]
     stats = {"steps": total, "epochs": recipe.epochs, "final_loss": sum(tail) / len(tail) if tail else None,
              "seconds": seconds_before + time.perf_counter() - t0, "optimizer": recipe.optimizer,
              "lr_first": lrs[0] if lrs else None, "lr_last": lrs[-1] if lrs else None,
              "param_groups": stats_groups, "precision": precision, "micro_batch_size": micro,
-             "accumulation_steps": accum, **resumed}
+             "accumulation_steps": accum, "world_size": world, **resumed}
     if recipe.clip_grad is not None:
         stats["clipped_steps"] = clipped
     if recipe.drop_path is not None:

@@ -2,7 +2,7 @@
 
 Re-implementation (`impl = "reimpl"`): no official code exists and only the abstract/introduction and a
 summary (shared/seeds/001_85cb2094f7f2d80e.txt) could be read. The three-stage outline is the paper's;
-every concrete choice inside a stage is a reconstruction (shared/specs/gohsp_vtrans_baselines.md §2.2)
+every concrete choice inside a stage is a reconstruction (docs/specs/gohsp_vtrans_baselines.md §2.2)
 and is a named option below, with the best-supported default.
 
 Stage 1 - graph-based head ranking, one graph per transformer block. Each head's output on calibration
@@ -21,7 +21,7 @@ Stage 2 - ADMM soft pruning: task loss + rho/2 sum ||W - Z + U||_F^2 over every 
 Stage 3 - hard pruning: keep-masks = the support of Z (with reselect: Pi_S of the final W); the runner
   extracts and finetunes (finetune = True).
 
-Sparsity: the card's p is the fraction of the TOTAL model parameters removed (spec §1.4). `gohsp_plan`
+Sparsity: the card's p is the fraction of the TOTAL model parameters removed (docs/specs/gohsp_vtrans_baselines.md §1.4). `gohsp_plan`
 turns it into unit counts per block; the FFN count absorbs the rounding, so the removed params are within
 half an FFN unit of p x total. SOMP/SGMP get the same counts through `select_at_budgets`.
 
@@ -29,13 +29,13 @@ Options (card `method_options.gohsp`) standing for unknown details [I = spec inf
   unit_kinds   : [head, head_dim, ffn] (default): heads, column sparsity inside the attention weights
                  (head-dim columns, shared by the heads of a block), columns of the MLP (neurons). The
                  seed says the three patterns co-exist ("some columns of MLPs and attention heads become
-                 extremely small"); [head, ffn] drops the attention columns (spec §2.2 step 9 "optional").
-  similarity   : abs_cosine (default, spec §2.2 step 3) | cosine_relu | correlation (|Pearson|) | rbf.
+                 extremely small"); [head, ffn] drops the attention columns (docs/specs/gohsp_vtrans_baselines.md §2.2 step 9 "optional").
+  similarity   : abs_cosine (default, docs/specs/gohsp_vtrans_baselines.md §2.2 step 3) | cosine_relu | correlation (|Pearson|) | rbf.
   damping      : 0.0 (default; the spec's chain has no teleport. With a symmetric w and no damping pi is
-                 exactly the normalised weighted degree, spec §2.2 step 5) | a in (0, 1) (PageRank 0.15).
+                 exactly the normalised weighted degree, docs/specs/gohsp_vtrans_baselines.md §2.2 step 5) | a in (0, 1) (PageRank 0.15).
   ranking      : importance (default: keep the heads with the largest pi, as the abstract calls pi an
                  "importance") | redundancy (keep the smallest pi: ablation).
-  head_budget  : per_block (default: every block loses the same number of heads, spec §2.2 step 7) |
+  head_budget  : per_block (default: every block loses the same number of heads, docs/specs/gohsp_vtrans_baselines.md §2.2 step 7) |
                  global (one ranking of H*pi across blocks; each block keeps at least one head).
   attn_split   : geometric (default: heads and head-dims keep the same fraction sqrt(1-q) of a block's
                  attention, q = removed fraction of the prunable params) | heads_only (no head-dim columns).
@@ -46,7 +46,7 @@ Options (card `method_options.gohsp`) standing for unknown details [I = spec inf
                  wording "quadratic term whose coefficient controls its influence").
   reselect     : false (default: the support of Z (FFN / head-dim columns) is chosen once, by group norm
                  of the dense W at the start, heads by stage 1; the Z-step then zeroes that support of
-                 W + U) | true (spec §2.2 step 12 literally: re-rank the columns of W + U at every Z-step).
+                 W + U) | true (docs/specs/gohsp_vtrans_baselines.md §2.2 step 12 literally: re-rank the columns of W + U at every Z-step).
                  With reselect true and the dual on, short schedules oscillate (the dual inflates W + U
                  of the units just pruned, so they are re-selected as kept and the residual grows):
                  measured on the micro model, hence the default.
@@ -71,6 +71,9 @@ from bench.errors import BenchError
 from bench.options import Fraction, NonNegFloat, OptionsModel, PositiveFloat, PositiveInt
 from bench.registry import register_method
 from bench.structure import Structure, param_masks
+from methods import _allocate as allocate
+from methods import _importance as importance
+from methods._allocate import gohsp_budgets, gohsp_plan, select_at_budgets   # noqa: F401  (re-exported)
 
 DEFAULT_KINDS = ("head", "head_dim", "ffn")
 SIMILARITIES = ("abs_cosine", "cosine_relu", "correlation", "rbf")
@@ -188,222 +191,48 @@ def head_scores(sim: torch.Tensor, damping: float = 0.0) -> dict:
 # ---------------------------------------------------------------------------------------------
 # budgets: p of the TOTAL params -> unit counts per group
 
-def _attn_blocks(structure: Structure) -> list:
-    """[(head group | None, head_dim group | None)] per attention module."""
-    by_mod: dict = {}
-    for g in structure:
-        if g.kind in ("head", "head_dim"):
-            by_mod.setdefault(g.module, {})[g.kind] = g
-    return [(d.get("head"), d.get("head_dim")) for d in by_mod.values()]
-
-
-def _pair_cost(h, d) -> float:
-    """Params one (head, head-dim) pair owns: head ppu / d_h (= 4d+3 for timm's qkv with bias + proj)."""
-    if h is not None and d is not None:
-        return h.params_per_unit / d.size
-    return None
-
-
-def _spread(total: int, caps: list) -> list:
-    """Distribute `total` removals as evenly as possible over groups with the given caps."""
-    n = len(caps)
-    out = [0] * n
-    left = total
-    while left > 0:
-        open_ = [i for i in range(n) if out[i] < caps[i]]
-        if not open_:
-            break
-        share = max(1, left // len(open_))
-        for i in open_:
-            if left == 0:
-                break
-            k = min(share, caps[i] - out[i], left)
-            out[i] += k
-            left -= k
-    return out
-
-
-def gohsp_plan(structure: Structure, p_total: float, total_params: int, attn_split: str = "geometric",
-               ffn_budget: str = "global") -> dict:
-    """Unit counts that remove p_total x total_params (within half an FFN unit when FFN groups exist);
-    attn_split and ffn_budget as the options of that name (GOHSPOptions).
-
-    Returns {"per_group": {group: n removed}, "per_kind": {kind: n}, "target", "planned", "q"}; per_group
-    head counts are the per-block split (the `global` head budget redistributes them but keeps the sum)."""
-    split = attn_split
-    if split not in ("geometric", "heads_only"):
-        raise BenchError(f"gohsp attn_split must be 'geometric' or 'heads_only', got {split!r}")
-    target = float(p_total) * float(total_params)
-    blocks = _attn_blocks(structure)
-    ffn = [g for g in structure if g.kind == "ffn"]
-    attn_params = 0.0
-    for h, d in blocks:
-        g = h or d
-        attn_params += g.size * g.params_per_unit
-    prunable = attn_params + sum(g.size * g.params_per_unit for g in ffn)
-    if prunable <= 0:
-        raise BenchError("gohsp: the structure has no head, head_dim or ffn groups")
-    q = target / prunable
-    if not 0 <= q < 1:
-        raise BenchError(f"gohsp: removing {p_total:.3f} of {total_params} params needs {q:.3f} of the prunable "
-                         f"params ({prunable:.0f}); at most < 1 is possible")
-    per_group: dict = {}
-    removed = 0.0
-    heads = [h for h, _ in blocks if h is not None]
-    have_dims = any(d is not None for _, d in blocks) and split == "geometric"
-    have_heads = bool(heads)
-    keep_frac = math.sqrt(1 - q) if (have_dims and have_heads) else 1 - q
-    if have_heads:
-        A = int(round(sum(h.size for h in heads) * (1 - keep_frac)))
-        for h, n in zip(heads, _spread(A, [h.size - h.min_keep for h in heads])):
-            per_group[h.name] = n
-    for h, d in blocks:
-        if d is not None:
-            per_group[d.name] = min(d.size - d.min_keep, int(round(d.size * (1 - keep_frac)))) if have_dims else 0
-    for h, d in blocks:
-        a = per_group.get(h.name, 0) if h is not None else 0
-        b = per_group.get(d.name, 0) if d is not None else 0
-        if h is not None and d is not None:
-            removed += _pair_cost(h, d) * (h.size * d.size - (h.size - a) * (d.size - b))
-        elif h is not None:
-            removed += a * h.params_per_unit
-        else:
-            removed += b * d.params_per_unit
-    if ffn:
-        ppu = sum(g.params_per_unit for g in ffn) / len(ffn)
-        cap = sum(g.size - g.min_keep for g in ffn)
-        n = max(0, min(cap, int(round((target - removed) / ppu))))
-        if ffn_budget == "per_layer":
-            counts = _spread(n, [g.size - g.min_keep for g in ffn])
-        else:
-            counts = [None] * len(ffn)
-        for g, c in zip(ffn, counts):
-            per_group[g.name] = c
-        per_group["_ffn_total"] = n
-        removed += n * ppu
-    per_kind: dict = {}
-    for g in structure:
-        if g.kind == "ffn":
-            continue
-        per_kind[g.kind] = per_kind.get(g.kind, 0) + per_group.get(g.name, 0)
-    if ffn:
-        per_kind["ffn"] = per_group.pop("_ffn_total")
-    return {"per_group": per_group, "per_kind": per_kind, "target": target, "planned": removed, "q": q,
-            "keep_frac": keep_frac}
-
-
-def gohsp_budgets(structure: Structure, p_total: float, total_params: int, attn_split: str = "geometric",
-                  ffn_budget: str = "global") -> dict:
-    """{kind: number of units to remove} for p_total of the total params (what SOMP/SGMP need to run at
-    GOHSP's budgets). head_dim counts are summed over blocks (each block loses the same number)."""
-    return gohsp_plan(structure, p_total, total_params, attn_split, ffn_budget)["per_kind"]
-
-
-def _lowest(scores: torch.Tensor, n: int, forced: torch.Tensor | None = None) -> torch.Tensor:
-    """Keep-mask that removes the n lowest-scoring units (forced-removed ones first)."""
-    s = scores.double().clone()
-    if forced is not None:
-        s[forced] = -math.inf
-    keep = torch.ones(s.numel(), dtype=torch.bool)
-    if n > 0:
-        keep[torch.argsort(s, stable=True)[:n]] = False
-    return keep
-
-
-def select_at_budgets(structure: Structure, scores: dict, p_total: float, total_params: int, *,
-                      head_budget: str = "per_block", attn_split: str = "geometric", ffn_budget: str = "global",
-                      already_removed: dict | None = None) -> dict:
-    """Keep-masks with GOHSP's unit counts, choosing the lowest `scores` (e.g. magnitudes): the helper
-    SOMP/SGMP call for `allocation: gohsp`. Heads: per block (or one global ranking of the scores with
-    `head_budget: global`); head-dims: per block; FFN: one global ranking (or per layer). Units in
-    `already_removed` stay removed (SGMP: no regrowth)."""
-    plan = gohsp_plan(structure, p_total, total_params, attn_split, ffn_budget)
-    gone = {k: v.bool() for k, v in (already_removed or {}).items()}
-    keep = {}
-    groups = list(structure)
-    head_groups = [g for g in groups if g.kind == "head"]
-    if head_budget == "global" and head_groups:
-        keep.update(_global_lowest(head_groups, {g.name: scores[g.name] for g in head_groups},
-                                   plan["per_kind"].get("head", 0), gone))
-    for g in groups:
-        if g.name in keep:
-            continue
-        if g.kind == "ffn" and plan["per_group"].get(g.name) is None:
-            continue
-        n = max(plan["per_group"].get(g.name, 0), int(gone[g.name].sum()) if g.name in gone else 0)
-        keep[g.name] = _lowest(scores[g.name], n, gone.get(g.name))
-    ffn = [g for g in groups if g.kind == "ffn" and g.name not in keep]
-    if ffn:
-        keep.update(_global_lowest(ffn, {g.name: scores[g.name] for g in ffn}, plan["per_kind"]["ffn"], gone))
-    return keep
-
-
-def _global_lowest(groups, scores: dict, n: int, gone: dict) -> dict:
-    """Remove the n lowest units over all `groups` together, each group keeping min_keep units."""
-    cand = []
-    keep = {}
-    n_forced = 0
-    for g in groups:
-        keep[g.name] = torch.ones(g.size, dtype=torch.bool)
-        s = scores[g.name].double()
-        order = torch.argsort(s, descending=True, stable=True)
-        protected = set(order[: g.min_keep].tolist())
-        f = gone.get(g.name)
-        for i in range(g.size):
-            if f is not None and bool(f[i]):
-                keep[g.name][i] = False
-                n_forced += 1
-            elif i not in protected:
-                cand.append((float(s[i]), g.name, i))
-    cand.sort(key=lambda c: c[0])
-    for _, name, i in cand[: max(0, n - n_forced)]:
-        keep[name][i] = False
-    return keep
+# gohsp_plan, gohsp_budgets and select_at_budgets live in the toolkit (methods/_allocate.py), which SOMP/SGMP's
+# `allocation: gohsp` shares; re-exported here under their names.
 
 
 # ---------------------------------------------------------------------------------------------
 # stage 1: per-head outputs via a hook derived from the structure
 
-def _proj_slice(group):
-    """The slice through which a head group cuts the *input* dim of a 2-D weight (the output projection):
-    that module's input, viewed as s.view on its last dim, is the per-head output."""
-    for s in group.slices:
-        if s.dim == 1 and s.param.endswith(".weight") and len(s.view) == 2 and s.axis == 0:
-            return s
-    raise BenchError(f"{group.name}: no slice cuts the input of an output projection; GOHSP's head ranking "
-                     "needs the per-head outputs (the adapter should expose them)")
+def _proj_slices(model, structure: Structure) -> list:
+    """[(head group, slice)] for every slice through which a head group cuts a weight; the toolkit's hook keeps
+    those along the dim the module contracts with its input (the output projection), whose input, viewed as
+    slice.view on its last dim, is the per-head output."""
+    pairs = importance.input_slices(model, structure, kinds=("head",))
+    heads = {g.name for g, _ in pairs}
+    missing = [g.name for g in structure if g.kind == "head" and g.name not in heads]
+    if missing:
+        raise BenchError(f"{missing[0]}: no slice cuts the input of an output projection; GOHSP's head ranking "
+                         "needs the per-head outputs (the adapter should expose them)")
+    return pairs
 
 
 @torch.no_grad()
-def collect_head_similarity(model, structure: Structure, batches, n_batches: int, device, kind: str) -> dict:
-    """(H, H) similarity per head group, averaged over the images of n_batches calibration batches."""
+def collect_head_similarity(model, structure: Structure, batches, n_batches: int, device, kind: str,
+                            task=None) -> dict:
+    """(H, H) similarity per head group, averaged over the images of n_batches calibration batches, which run
+    through the task's own loss (methods._importance.calibrate: the method never unpacks a batch)."""
     head_groups = [g for g in structure if g.kind == "head"]
     sums = {g.name: None for g in head_groups}
-    count = {"n": 0}
-    handles = []
-    for g in head_groups:
-        s = _proj_slice(g)
-        mod = model.get_submodule(s.param.rpartition(".")[0])
+    count = {g.name: 0 for g in head_groups}
 
-        def hook(_m, inp, g=g, s=s):
-            x = inp[0]
-            B, N = x.shape[0], x.shape[1]
-            feats = x.reshape(B, N, *s.view).permute(0, 2, 1, 3).reshape(B, s.view[0], -1)
-            sim = head_similarity(feats.cpu(), kind) * B
-            sums[g.name] = sim if sums[g.name] is None else sums[g.name] + sim
-        handles.append(mod.register_forward_pre_hook(hook))
-    was = model.training
-    model.eval()
-    try:
-        for _ in range(n_batches):
-            x, _y = next(batches)
-            model(x.to(device))
-            count["n"] += x.shape[0]
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
-    return {k: v / count["n"] for k, v in sums.items()}
+    def on_input(g, s, x, _in_dim):
+        B, N = x.shape[0], x.shape[1]
+        feats = x.reshape(B, N, *s.view).movedim(2 + s.axis, 1).reshape(B, s.view[s.axis], -1)
+        sim = head_similarity(feats.cpu(), kind) * B
+        sums[g.name] = sim if sums[g.name] is None else sums[g.name] + sim
+        count[g.name] += B
+
+    with importance.unit_input_hooks(model, _proj_slices(model, structure), on_input):
+        importance.calibrate(model, task, batches, n_batches, device)
+    missing = [k for k, v in sums.items() if v is None]
+    if missing:
+        raise BenchError(f"{missing[0]}: the calibration forward never reached its output projection")
+    return {k: v / count[k] for k, v in sums.items()}
 
 
 def rank_heads(structure: Structure, sims: dict, plan: dict, damping: float, ranking: str, budget: str) -> tuple:
@@ -421,9 +250,11 @@ def rank_heads(structure: Structure, sims: dict, plan: dict, damping: float, ran
         s = r["pi"] * g.size                       # 1 = uniform: comparable across blocks of any H
         scores[g.name] = s if ranking == "importance" else -s
     if budget == "global":
-        keep = _global_lowest(head_groups, scores, plan["per_kind"].get("head", 0), {})
+        keep = allocate.select(head_groups, scores, allocate.Count(plan["per_kind"].get("head", 0)), pool="global")
     else:
-        keep = {g.name: _lowest(scores[g.name], plan["per_group"].get(g.name, 0)) for g in head_groups}
+        keep = allocate.select(head_groups, scores, allocate.Count({g.name: plan["per_group"].get(g.name, 0)
+                                                                    for g in head_groups}),
+                               pool="layer", keep_at_least=None)
     return keep, info
 
 
@@ -431,7 +262,7 @@ def rank_heads(structure: Structure, sims: dict, plan: dict, damping: float, ran
 # stage 2: projection onto the structured-sparse set
 
 class _Params:
-    """Duck-typed stand-in for a model in `unit_scores`: named_parameters() over given tensors."""
+    """Duck-typed stand-in for a model in `param_masks`: named_parameters() over given tensors."""
 
     def __init__(self, tensors: dict):
         self.t = tensors
@@ -444,8 +275,6 @@ def project(structure: Structure, tensors: dict, head_keep: dict, plan: dict) ->
     """Pi_S(tensors): keep-masks (stage-1 heads; head-dims per block and FFN neurons by group L2 norm of
     `tensors`, head-dim norms over the kept heads only) and the projected tensors (only the names of
     `tensors` that the structure cuts)."""
-    from methods.magnitude import unit_scores
-
     keep = {}
     for g in structure:
         if g.kind == "head":
@@ -453,16 +282,8 @@ def project(structure: Structure, tensors: dict, head_keep: dict, plan: dict) ->
     full = structure.full_keep()
     hmask = param_masks(_Params(tensors), structure, {**full, **keep})
     masked = {k: v * hmask[k] if k in hmask else v for k, v in tensors.items()}
-    scores = unit_scores(_Params(masked), Structure([g for g in structure if g.kind != "head"]))
-    ffn = [g for g in structure if g.kind == "ffn"]
-    for g in structure:
-        if g.kind == "head_dim":
-            keep[g.name] = _lowest(scores[g.name], plan["per_group"].get(g.name, 0))
-        elif g.kind == "ffn" and plan["per_group"].get(g.name) is not None:
-            keep[g.name] = _lowest(scores[g.name], plan["per_group"][g.name])
-    todo = [g for g in ffn if g.name not in keep]
-    if todo:
-        keep.update(_global_lowest(todo, scores, plan["per_kind"]["ffn"], {}))
+    scores = importance.magnitude(masked, Structure([g for g in structure if g.kind != "head"]))
+    keep.update(allocate.select_planned(structure, scores, plan, kinds=("head_dim", "ffn")))
     masks = param_masks(_Params(tensors), structure, {**full, **keep})
     return keep, {k: tensors[k] * m for k, m in masks.items()}
 
@@ -476,6 +297,10 @@ class GOHSP(Method):
     description = "graph-based head ranking (Markov stationary distribution) + ADMM soft pruning + hard prune"
     Options = GOHSPOptions
     Settings = GOHSPSettings
+
+    @classmethod
+    def compress_epochs(cls, settings) -> float:
+        return float(settings.admm_epochs)
 
     def prune(self, ctx):
         o, s, ft = self.typed_blocks(ctx)
@@ -491,7 +316,9 @@ class GOHSP(Method):
         # stage 1: graph-based head ranking
         sim_kind = o.similarity
         batches = ctx.task.train_batches(s.calib_batch_size, ctx.seed + 7)
-        sims = collect_head_similarity(model, st, batches, s.calib_batches, ctx.device, sim_kind)
+        sims = collect_head_similarity(model, st, batches, s.calib_batches, ctx.device, sim_kind, task=ctx.task)
+        from bench import distributed as dist   # data parallel: the same statistics on every rank (no-op alone)
+        sims = dist.average_tensors(sims)
         head_keep, graph_info = rank_heads(st, sims, plan, float(o.damping), o.ranking, o.head_budget)
 
         # stage 2: ADMM soft pruning

@@ -1,6 +1,6 @@
 """SGMP: structured gradual magnitude pruning with Zhu & Gupta's (2018) cubic schedule.
 
-Spec: shared/specs/gohsp_vtrans_baselines.md §4.3. One training run of the card's finetune length (the
+Spec: docs/specs/gohsp_vtrans_baselines.md §4.3. One training run of the card's finetune length (the
 same number of steps SOMP finetunes, so both get equal compute). Pruning events at
 t = t0, t0+dt, ..., t0+n*dt raise the removed fraction to
     s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (n*dt))**3,   s_i = 0, s_f = p,
@@ -20,6 +20,7 @@ from bench.errors import BenchError
 from bench.options import Fraction, NonNegFloat, OptionsModel, PositiveInt
 from bench.registry import register_method
 from bench.structure import apply_param_masks, param_masks
+from methods._schedule import cubic_sparsity, prune_steps   # noqa: F401  (the schedule; re-exported)
 from methods.magnitude import MagnitudeOptions, method_structure, select_for_method, unit_scores
 
 
@@ -29,23 +30,6 @@ class SGMPSettings(OptionsModel):
     prune_start_epoch: NonNegFloat = Field(0.0, description="t0: epoch of the first pruning event")
     prune_end_fraction: Fraction = Field(0.5, description="fraction of the run by which the final sparsity p is reached")
     prune_events: PositiveInt = Field(10, description="n: number of pruning events after the first")
-
-
-def cubic_sparsity(t: int, t0: int, dt: int, n: int, s_i: float, s_f: float) -> float:
-    """Zhu & Gupta's schedule; s_i before t0 and s_f after t0 + n*dt."""
-    if t < t0:
-        return s_i
-    frac = min(1.0, (t - t0) / float(n * dt)) if n * dt > 0 else 1.0
-    return s_f + (s_i - s_f) * (1.0 - frac) ** 3
-
-
-def prune_steps(total_steps: int, steps_per_epoch: int, start_epoch: float, end_fraction: float, events: int):
-    """(t0, dt, n): events pruning events spread so that the last one is at end_fraction of the run."""
-    t0 = int(round(start_epoch * steps_per_epoch))
-    end = max(t0 + 1, int(round(end_fraction * total_steps)))
-    n = max(1, events)
-    dt = max(1, (end - t0) // n)
-    return t0, dt, n
 
 
 @register_method("sgmp")

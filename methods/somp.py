@@ -1,6 +1,6 @@
 """SOMP: structured one-shot magnitude pruning (Han et al. 2016, single round), the benchmark's baseline.
 
-Spec: shared/specs/gohsp_vtrans_baselines.md §4.1-4.2. From the converged dense model, score every unit
+Spec: docs/specs/gohsp_vtrans_baselines.md §4.1-4.2. From the converged dense model, score every unit
 once by the norm of the weights it owns, remove the lowest-scoring units until the budget is met, then
 the runner extracts the subnet and finetunes it with the card's finetune budget.
 
@@ -16,6 +16,7 @@ Options (card `method_options.somp`), each a guess of the spec made explicit:
 """
 from bench.api import Method
 from bench.registry import register_method
+from methods._schedule import one_shot
 from methods.magnitude import MagnitudeOptions, method_structure, select_for_method, unit_scores
 
 
@@ -31,6 +32,6 @@ class SOMP(Method):
         o, _, _ = self.typed_blocks(ctx)
         st = method_structure(ctx)
         scores = unit_scores(ctx.model, st, o.norm)
-        keep = select_for_method(ctx, st, scores, ctx.ratio.p, o.allocation)
+        keep = select_for_method(ctx, st, scores, one_shot(ctx.ratio.p), o.allocation)
         ctx.info["options"] = {"unit_kinds": st.kinds(), "allocation": o.allocation, "norm": o.norm}
         return keep

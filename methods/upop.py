@@ -1,6 +1,6 @@
 """UPop: Unified and Progressive Pruning (Shi et al., ICML 2023), faithful to the paper and the official code.
 
-Spec: shared/specs/upop.md §1-§4, §9. Works on any model whose adapter exposes UPop's unit kinds,
+Spec: docs/specs/upop.md §1-§4, §9. Works on any model whose adapter exposes UPop's unit kinds,
 `head_dim` (one mask entry per per-head dimension, shared by all heads of the module and by q, k, v,
 applied after the projections and the head reshape) and `ffn` (one entry per FFN neuron, on fc1's output
 before the activation), and implements `attach_unit_masks`.
@@ -34,7 +34,8 @@ Options (card `method_options.upop`):
                      embeddings count; UPop then removes p x total / prunable of its units' params)
 Profile settings (card `profiles.<p>.upop`): search_epochs, lr (constant), batch_size, weight_decay,
 interval (a number, or a mapping from p to interval with a `default`), w_sp_attn, w_sp_mlp; all required but
-weight_decay (0.05): the sparsity weights differ per table and a silent 0 would switch the L1 term off.
+weight_decay (0.05), weight_decay_groups and drop_path (the recipe keys of the same names, for the search): the
+sparsity weights differ per table and a silent 0 would switch the L1 term off.
 Both blocks are declared below (UPopOptions, UPopSettings).
 
 Ablations, registered separately so tables show them as the paper does:
@@ -44,7 +45,6 @@ Ablations, registered separately so tables show them as the paper does:
 """
 from __future__ import annotations
 
-import math
 from typing import Annotated, Literal
 
 import torch
@@ -52,8 +52,10 @@ from pydantic import BeforeValidator, Field
 
 from bench.api import Method
 from bench.errors import BenchError
-from bench.options import NonNegFloat, OpenFraction, OptionsModel, PositiveFloat, PositiveInt
+from bench.options import Fraction, NonNegFloat, OpenFraction, OptionsModel, PositiveFloat, PositiveInt
 from bench.registry import register_method
+from methods import _allocate as allocate
+from methods._schedule import interval_for, sine_progress   # noqa: F401  (interval_for: re-exported)
 
 ATTN_KINDS = ("head_dim",)
 FFN_KINDS = ("ffn",)
@@ -108,11 +110,17 @@ class UPopSettings(OptionsModel):
     w_sp_attn: NonNegFloat = Field(description="weight of the L1 term on the attention (head-dim) masks (official --w_sp_attn)")
     w_sp_mlp: NonNegFloat = Field(description="weight of the L1 term on the FFN masks (official --w_sp_mlp)")
     weight_decay: NonNegFloat = Field(0.05, description="AdamW weight decay of the search")
+    weight_decay_groups: Literal["no_norm_bias", "all"] = Field(
+        "no_norm_bias", description="the search's decay groups, as the recipe key: all (the official BLIP/CLIP search "
+                                    "optimizer decays every tensor but the masks) or no_norm_bias (timm's rule)")
+    drop_path: Fraction | None = Field(
+        None, description="stochastic depth of the search model, as the recipe key (official: 0.1 for BLIP NLVR2/VQA "
+                          "and DeiT, none for caption/retrieval; none: the model's own)")
 
 
 def progress(t: int, total: int) -> float:
-    """p_t / p = sin(π(t+1)/(2T)) (spec §3.6)."""
-    return math.sin(math.pi * (t + 1) / (2 * total))
+    """p_t / p = sin(π(t+1)/(2T)) (docs/specs/upop.md §3.6; methods._schedule.sine_progress)."""
+    return sine_progress(t, total)
 
 
 def zscore(x: torch.Tensor) -> torch.Tensor:
@@ -149,52 +157,27 @@ def unit_weights(groups, scheme: str) -> dict:
 
 def unified_selection(groups, values: dict, weights: dict, p_t: float, threshold_rule: str = "official",
                       return_protected: bool = False):
-    """Units selected for pruning (True) by the unified weighted ranking of spec §3.3-3.5.
+    """Units selected for pruning (True) by the unified weighted ranking of docs/specs/upop.md §3.3-3.5.
 
     The threshold is the value at the sorted position whose cumulative weight is closest to p_t x total.
     "official": units strictly above it are selected, the threshold unit itself is kept (so up to one
     unit fewer than the closest count is removed); "closest": the threshold unit is removed too, so the
     removed weight is the closest achievable to the target. With `return_protected`, also the units that the
     threshold selected but the keep-one-unit-per-module rule kept."""
-    names = [g.name for g in groups]
-    vals = torch.cat([values[n] for n in names])
-    w = torch.cat([torch.full((values[n].numel(),), weights[n], dtype=torch.float64) for n in names])
-    order = torch.argsort(vals, descending=True, stable=True)
-    cum = torch.cumsum(w[order], 0)
-    idx = int(torch.argmin((cum - p_t * w.sum()).abs()))
-    threshold = vals[order][idx]
-    sel, protected = {}, {}
-    for n in names:
-        v = values[n]
-        s = v > threshold if threshold_rule == "official" else v >= threshold
-        protected[n] = s & (v == v.min())        # each module keeps its lowest-ranked unit
-        sel[n] = s & ~protected[n]
-    return (sel, protected) if return_protected else sel
+    # the toolkit's weighted budget; its scores are "higher = kept", so the pruning values go in negated
+    info: dict = {}
+    keep = allocate.select(groups, {g.name: -values[g.name] for g in groups},
+                           allocate.Weighted(p_t, weights, threshold_rule), keep_at_least="restore", info=info)
+    sel = {g.name: ~keep[g.name] for g in groups}
+    return (sel, info["protected"]) if return_protected else sel
 
 
 def uniform_selection(groups, values: dict, p_t: float) -> dict:
     """Ablation: every module loses the fraction p_t of its units, ranked within the module."""
-    sel = {}
-    for g in groups:
-        v = values[g.name]
-        k = min(int(round(p_t * v.numel())), v.numel() - 1)
-        s = torch.zeros(v.numel(), dtype=torch.bool)
-        if k > 0:
-            s[torch.argsort(v, descending=True, stable=True)[:k]] = True
-        sel[g.name] = s
-    return sel
-
-
-def interval_for(setting, p: float) -> int:
-    """The mask-update interval for ratio p: the number, or the mapping's entry for p (else its `default`)."""
-    if isinstance(setting, dict):
-        for k, v in setting.items():
-            if k != "default" and abs(float(k) - p) < 1e-9:
-                return int(v)
-        if "default" not in setting:
-            raise BenchError(f"upop interval {setting} has no entry for p = {p} and no `default`")
-        return int(setting["default"])
-    return int(setting)
+    counts = {g.name: min(int(round(p_t * values[g.name].numel())), values[g.name].numel() - 1) for g in groups}
+    keep = allocate.select(groups, {g.name: -values[g.name] for g in groups}, allocate.Count(counts), pool="layer",
+                           keep_at_least=None)
+    return {g.name: ~keep[g.name] for g in groups}
 
 
 @register_method("upop")
@@ -208,6 +191,10 @@ class UPop(Method):
     Settings = UPopSettings
     progressive = True
     unified = True
+
+    @classmethod
+    def compress_epochs(cls, settings) -> float:
+        return float(settings.search_epochs)
 
     def prune(self, ctx):
         opts, s, _ = self.typed_blocks(ctx)
@@ -282,6 +269,7 @@ class UPop(Method):
 
         stats = ctx.train(ctx.model, epochs=s.search_epochs, lr=s.lr, min_lr=s.lr, warmup_epochs=0,
                           batch_size=s.batch_size, weight_decay=s.weight_decay,
+                          weight_decay_groups=s.weight_decay_groups, drop_path=s.drop_path,
                           on_step=on_step, extra_loss=l1 if (w_attn or w_mlp) else None,
                           state_hooks=(get_state, set_state))
         final = {n: m.detach().cpu() for n, m in masks.items()}

@@ -2,7 +2,7 @@
 Transformer (the hidden/embedding width, attention heads, FFN neurons and whole sublayers) with masks
 trained under the Variational Information Bottleneck, to a given size (or FLOPs) budget. A RE-IMPLEMENTATION
 (impl "reimpl"): only the abstract and secondary sources could be read; the mechanics follow
-shared/specs/gohsp_vtrans_baselines.md §3 (VIBNet, the same authors' TVA-Prune code, CoFi), and every
+docs/specs/gohsp_vtrans_baselines.md §3 (VIBNet, the same authors' TVA-Prune code, CoFi), and every
 guess is an option below with its default.
 
 Registered methods
@@ -14,7 +14,7 @@ Registered methods
                  and by default no weight finetune follows ("exclusive fine-tuning of VIB masks").
 Every cell records the compression wall time (method_info.compression_s; the runner adds timings.prune_s).
 
-Mechanics (spec §3.2-§3.7)
+Mechanics (docs/specs/gohsp_vtrans_baselines.md §3.2-§3.7)
   * per unit j of every masked structure: mean mu_j ~ N(1, 0.01) and log-variance l_j ~ N(-9, 0.01);
     training masks z = mu + eps * exp(l / 2), eps ~ N(0, 1) drawn per token (TVA-Prune) or per step;
   * KL term per structure: kl_factor * mult_kind * 1/2 sum_j log(1 + mu_j^2 / sigma_j^2);
@@ -35,7 +35,7 @@ Mechanics (spec §3.2-§3.7)
 
 Options (card `method_options.<name>`), each a guess of the spec made explicit:
   unit_kinds          [hidden, head, ffn, layer]: all structures of the abstract (layer masks = one scalar VIB
-                      gate per attention and per FFN sublayer, as CoFi's head_layer/mlp masks; spec §3.3 [I])
+                      gate per attention and per FFN sublayer, as CoFi's head_layer/mlp masks; docs/specs/gohsp_vtrans_baselines.md §3.3 [I])
   mu_init, logvar_init  [1.0, 0.01], [-9.0, 0.01] (mean, std: VIBNet / TVA-Prune)
   threshold           0.0 (keep iff log(sigma^2/mu^2) < 0)
   sharpness           10.0 (k of the soft keep probability; TVA-Prune)
@@ -88,6 +88,7 @@ from bench.api import Method
 from bench.errors import BenchError, CellFailure
 from bench.options import Fraction, NonNegFloat, NonNegInt, OptionsModel, PositiveFloat, PositiveInt
 from bench.registry import register_method
+from methods import _allocate as allocate
 
 MASK_KINDS = ("hidden", "head", "ffn", "layer")
 MaskKind = Literal["hidden", "head", "ffn", "layer"]
@@ -281,7 +282,7 @@ class SizeModel:
 
 
 class FlopsModel:
-    """MACs of one sequence of n tokens as a function of kept fractions (spec §3.4 FLOPs variant):
+    """MACs of one sequence of n tokens as a function of kept fractions (docs/specs/gohsp_vtrans_baselines.md §3.4 FLOPs variant):
     n x kept numel of every 2-D weight that is not an embedding table (plus a tied output embedding), and
     2 n^2 x (kept query width) for the attention scores and context of every layer with a head group.
     Norms are left out, and a pooler/classifier that sees one token is counted per token (it cannot be
@@ -346,55 +347,11 @@ def exact_selection(structure, scores: dict, size_fn, target: float, fill: int =
     the kept fractions) is closest to `target` is kept; when the unit at the boundary is large, the next
     `fill` units in rank order that still fit below the target may be kept instead, if that lands closer.
     Returns (keep, achieved size)."""
-    forced, cand = {}, []
-    for gi, g in enumerate(structure):
-        s = scores[g.name].detach().double().cpu().view(-1)
-        order = torch.argsort(s, stable=True)
-        n_force = 0 if g.kind == "layer" else min(g.min_keep, g.size)
-        forced[g.name] = order[:n_force]
-        for i in order[n_force:].tolist():
-            cand.append((float(s[i]), gi, i))
-    cand.sort(key=lambda c: (c[0], c[1], c[2]))
-    groups = list(structure)
-    gid = torch.tensor([c[1] for c in cand], dtype=torch.long)
-    base = torch.tensor([len(forced[g.name]) for g in groups], dtype=torch.float64)
-    sizes = torch.tensor([g.size for g in groups], dtype=torch.float64)
-
-    def size_at(k):
-        cnt = base + torch.bincount(gid[:k], minlength=len(groups)).double()
-        frac = {g.name: float(cnt[i] / sizes[i]) for i, g in enumerate(groups)}
-        return float(size_fn(frac))
-
-    lo, hi = 0, len(cand)
-    while lo < hi:                          # smallest prefix k with size >= target (len(cand) if none)
-        mid = (lo + hi) // 2
-        if size_at(mid) >= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    chosen, best = list(range(lo)), size_at(lo)
-    if best != target and lo > 0 and fill > 0:
-        # the prefix one unit shorter stays below the target; the following units in rank order that still
-        # fit are added (a boundary unit may be large, e.g. a hidden dim); the closer of the two wins
-        cnt = base + torch.bincount(gid[:lo - 1], minlength=len(groups)).double()
-        extra, cur = [], size_at(lo - 1)
-        for j in range(lo - 1, min(len(cand), lo - 1 + fill)):
-            cnt[gid[j]] += 1
-            s_new = float(size_fn({g.name: float(cnt[i] / sizes[i]) for i, g in enumerate(groups)}))
-            if s_new <= target:
-                extra.append(j)
-                cur = s_new
-            else:
-                cnt[gid[j]] -= 1
-        if abs(cur - target) < abs(best - target):
-            chosen, best = list(range(lo - 1)) + extra, cur
-    keep = {g.name: torch.zeros(g.size, dtype=torch.bool) for g in groups}
-    for g in groups:
-        keep[g.name][forced[g.name]] = True
-    for j in chosen:
-        _, gi, i = cand[j]
-        keep[groups[gi].name][i] = True
-    return keep, best
+    # the toolkit's size budget; its scores are "higher = kept", so log alpha goes in negated
+    info: dict = {}
+    neg = {g.name: -scores[g.name].detach().double().cpu().view(-1) for g in structure}
+    keep = allocate.select(list(structure), neg, allocate.Size(size_fn, target, fill), info=info)
+    return keep, info["achieved"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -431,6 +388,10 @@ class VTrans(Method):
     description = "VIB masks on hidden width, heads, FFN neurons and sublayers, Lagrangian budget, distillation"
     Options = VTransOptions
     Settings = VTransSettings
+
+    @classmethod
+    def compress_epochs(cls, settings) -> float:
+        return float(settings.epochs)
 
     def prune(self, ctx):
         t_start = time.perf_counter()
@@ -550,8 +511,10 @@ class VTrans(Method):
             m = kl_mult.get(g.kind, 1.0)
             m = float(o.emb_mult) + 2 * n_layers if m == "tva" else float(m)
             mult[g.name] = m / (g.size if o.kl_normalise else 1)
-        batches = task.train_batches(bs, ctx.seed, subset=subset, subset_seed=int(o.subset_seed)) \
-            if subset is not None else task.train_batches(bs, ctx.seed)
+        from bench import distributed as dist   # data parallel: each rank its share of every batch (no-op alone)
+        bs_rank = dist.per_rank_batch(bs, f"{self.name} batch_size")
+        batches = dist.shard(task.train_batches(bs_rank, ctx.seed, subset=subset, subset_seed=int(o.subset_seed))
+                             if subset is not None else task.train_batches(bs_rank, ctx.seed))
         log_every = int(s.log_every)
         hist, best = [], None
         sel = o.selection
@@ -590,12 +553,14 @@ class VTrans(Method):
             target = p * min(1.0, step / warmup)
             lag = lam[0] * (es - target) + lam[1] * (es - target) ** 2
             loss = loss + kl + lag
-            if not torch.isfinite(loss):
+            if not dist.all_finite(loss):   # on every rank: all stop together
                 raise CellFailure(f"{self.name}: non-finite loss at phase-1 step {step}/{total}")
             for opt_ in (opt_vib, opt_lam, opt_w):
                 if opt_ is not None:
                     opt_.zero_grad(set_to_none=True)
             loss.backward()
+            # the VIB masks, the multipliers and the weights: the same step on every rank (no-op alone)
+            dist.average_grads(list(vib.parameters()) + [lam] + w_params)
             if o.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(list(vib.parameters()) + w_params, float(o.max_grad_norm))
             for opt_ in (opt_vib, opt_w, opt_lam):

@@ -31,7 +31,7 @@ Masks (attach_unit_masks / set_unit_masks / clear_unit_masks / fold_unit_masks, 
 Removed sublayers: BERT is post-LN, so a removed attention (or FFN) sublayer leaves h -> LayerNorm(h): its
 LayerNorm stays (and is not counted as removed), exactly what the masked model computes with the gate at 0.
 Attention scale (`options["attention_scale"]`): "sliced" (default: 1/sqrt(kept head_dim), as the official
-UPop BERT code, spec upop.md §9.8) or "fixed" (1/sqrt(original head_dim): the masked model equals the
+UPop BERT code, docs/specs/upop.md §9.8) or "fixed" (1/sqrt(original head_dim): the masked model equals the
 extracted one exactly). Head pruning never changes the scale.
 """
 from __future__ import annotations

@@ -9,7 +9,7 @@ subclass of `BlipTextSelfAttention`), `BlipTextIntermediate` (subclassed), `Blip
 names; `load_checkpoint` maps BLIP's released .pth files (timm-style `visual_encoder.blocks.3.attn.qkv`)
 onto them.
 
-What UPop needs (shared/specs/upop.md §2):
+What UPop needs (docs/specs/upop.md §2):
 - `head_dim` units: one mask entry per per-head dimension, shared by all heads and by q, k and v, applied
   after the projections and the head reshape (ViT: on the fused qkv; BERT: on query/key/value after
   `transpose_for_scores`). Pruning unit d removes row d of every head of q, k, v (+bias) and column d of
@@ -341,8 +341,10 @@ def _text_config(c: dict, layers_key: str = "text_layers") -> BlipTextConfig:
                           encoder_hidden_size=c["vision_width"], intermediate_size=c["text_mlp"],
                           num_hidden_layers=c[layers_key], num_attention_heads=c["text_heads"],
                           max_position_embeddings=c["max_position"], hidden_act="gelu",
-                          layer_norm_eps=c.get("text_eps", 1e-12), hidden_dropout_prob=0.0,
-                          attention_probs_dropout_prob=0.0, pad_token_id=c["pad_token_id"],
+                          layer_norm_eps=c.get("text_eps", 1e-12),
+                          hidden_dropout_prob=float(c.get("hidden_dropout_prob", 0.0)),
+                          attention_probs_dropout_prob=float(c.get("attention_probs_dropout_prob", 0.0)),
+                          pad_token_id=c["pad_token_id"],
                           bos_token_id=c["bos_token_id"], sep_token_id=c["sep_token_id"])
 
 
@@ -671,17 +673,27 @@ _MICRO_TOKENS = dict(vocab_size=512, pad_token_id=0, cls_token_id=1, sep_token_i
                      bos_token_id=5)
 
 
+# The text encoder/decoder's dropout (BERT's: embeddings, attention probabilities, both residual outputs), active in
+# train mode only. Paper archs: the official configs/med_config.json of BLIP (and of UPop, which reads the same
+# file: models/blip_nlvr.py l. 20), `"attention_probs_dropout_prob": 0.1` (l. 5) and `"hidden_dropout_prob": 0.1`
+# (l. 7). Micro archs: 0 (a 2-layer, 64-wide model trained from scratch for a minute; the card's model_config may
+# set 0.1). The ViT has no dropout in BLIP (vit.py: drop_rate 0, attn_drop_rate 0); its drop path is the recipe's
+# drop_path key (BlipAdapter.set_drop_path).
+PAPER_TEXT_DROPOUT = dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+MICRO_TEXT_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
 def _paper(variant, image_size=384, **kw):
     cfg = dict(variant=variant, image_size=image_size, patch_size=16, vision_width=768, vision_layers=12,
                vision_heads=12, vision_mlp=3072, vision_eps=1e-6, text_width=768, text_layers=12, text_heads=12,
-               text_mlp=3072, max_position=512, text_eps=1e-12, **_PAPER_TOKENS)
+               text_mlp=3072, max_position=512, text_eps=1e-12, **PAPER_TEXT_DROPOUT, **_PAPER_TOKENS)
     return {**cfg, **kw}
 
 
 def _micro(variant, **kw):
     cfg = dict(variant=variant, image_size=32, patch_size=8, vision_width=64, vision_layers=3, vision_heads=4,
                vision_mlp=256, vision_eps=1e-6, text_width=64, text_layers=2, text_heads=4, text_mlp=256,
-               max_position=64, text_eps=1e-12, **_MICRO_TOKENS)
+               max_position=64, text_eps=1e-12, **MICRO_TEXT_DROPOUT, **_MICRO_TOKENS)
     return {**cfg, **kw}
 
 
@@ -849,6 +861,13 @@ class BlipAdapter(ModelAdapter):
         rule = options.get("attention_scale", self.DEFAULT_ATTENTION_SCALE)
         if rule not in ("official", "fixed", "sliced"):
             raise BenchError(f"blip attention_scale must be 'official', 'fixed' or 'sliced', got {rule!r}")
+        # reinit_qkv_bias: only the ViT's fused qkv (the text side's query/key/value biases are copied by the
+        # official code, so the option leaves them alone)
+        reinit_bias = bool(options.get("reinit_qkv_bias", False))
+        unknown = set(options) - {"attention_scale", "reinit_qkv_bias"}
+        if unknown:
+            raise BenchError(f"blip extraction options: unknown {sorted(unknown)} (known: attention_scale, "
+                             f"reinit_qkv_bias)")
         for g in structure:
             names = [g.module] + ([self._mirror(model, g.module)] if self._mirror(model, g.module) else [])
             for name in names:
@@ -859,6 +878,14 @@ class BlipAdapter(ModelAdapter):
                         mod.head_dim = n
                         if rule == "sliced":
                             mod.scale = n ** -0.5
+                        if reinit_bias and name == g.module and mod.qkv.bias is not None:
+                            # reproduces the official UPop extraction (models/blip_nlvr.py compress(), l. 132,
+                            # and the same line in blip_vqa/blip_retrieval/blip.py): `attn.qkv.weight.bias = ...`
+                            # sets an attribute of the weight, so the new nn.Linear keeps its default bias init
+                            # U(-1/sqrt(in), 1/sqrt(in)). The momentum copy follows through copy_params() below.
+                            bound = mod.qkv.in_features ** -0.5
+                            with torch.no_grad():
+                                mod.qkv.bias.uniform_(-bound, bound)
                     else:
                         mod.attention_head_size = n
                         mod.all_head_size = mod.num_attention_heads * n

@@ -1,4 +1,4 @@
-"""CLIP family (open_clip), as UPop prunes it for image-text retrieval (spec §2.2, §5, §9.11, §9.16).
+"""CLIP family (open_clip), as UPop prunes it for image-text retrieval (docs/specs/upop.md §2.2, §5, §9.11, §9.16).
 
 The model is `ClipRetrieval`: an open_clip `CLIP` (`clip.`) plus its momentum copy (`clip_m.`, EMA 0.995,
 no gradients) and the ITC queues, i.e. the training set-up of UPop's CLIP retrieval code; the paper counts
@@ -7,7 +7,7 @@ the momentum encoder in Params (856.0 M for ViT-L/14@336) and measured FLOPs on 
 
 Every residual block of both towers gets two drop-in layers that keep open_clip's parameter names (so
 open_clip / OpenAI checkpoints load unchanged):
-- `PrunableMHA` replaces `nn.MultiheadAttention` (UPop monkey-patches it the same way, spec §9.16): the
+- `PrunableMHA` replaces `nn.MultiheadAttention` (UPop monkey-patches it the same way, docs/specs/upop.md §9.16): the
   packed in-projection `in_proj_weight`/`in_proj_bias`, then an optional `dim_mask` (length head_dim,
   shared by all heads) multiplies q, k and v after the head reshape, then SDPA, then `out_proj`.
   After slicing head_dim may be anything down to 1. The softmax scale is 1/sqrt(kept head_dim) by default,
@@ -235,7 +235,7 @@ class ClipAdapter(ModelAdapter):
 
     UNIT_KINDS = ("head_dim", "ffn")
     MODALITIES = ("vision", "text")
-    # UPop's patched MHA divides by sqrt(q.shape[-1]): the scale follows the sliced head_dim (spec §9.8)
+    # UPop's patched MHA divides by sqrt(q.shape[-1]): the scale follows the sliced head_dim (docs/specs/upop.md §9.8)
     DEFAULT_ATTENTION_SCALE = "sliced"
     ARCHS = {
         # the paper's model: OpenAI CLIP ViT-L/14 at 336 (open_clip "ViT-L-14-336", QuickGELU as OpenAI's
@@ -282,7 +282,7 @@ class ClipAdapter(ModelAdapter):
                                             modality=modality))
         return fill_params_per_unit(model, Structure(groups))
 
-    # masks of ones on the main model only (the momentum copy has none during the search, spec §3.8)
+    # masks of ones on the main model only (the momentum copy has none during the search, docs/specs/upop.md §3.8)
     MASK_ATTRS = {"head_dim": "dim_mask", "ffn": "neuron_mask"}
 
     def fix_modules(self, model, structure, keep, options):

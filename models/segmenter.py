@@ -1,5 +1,5 @@
 """Segmenter (Strudel et al., ICCV 2021): a timm ViT encoder + a mask-transformer decoder, for semantic
-segmentation (UPop's ADE20K row, shared/specs/upop.md §2.2, §6.6, §7, §9.20).
+segmentation (UPop's ADE20K row, docs/specs/upop.md §2.2, §6.6, §7, §9.20).
 
 mmsegmentation cannot be installed against current torch, so the model is rebuilt here the way the official
 code (`rstrudel/segmenter`, segm/model/{vit,decoder,segmenter,blocks,factory}.py) builds it:

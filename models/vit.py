@@ -145,7 +145,7 @@ class VitAdapter(ModelAdapter):
         del C
         return fill_params_per_unit(model, Structure(groups))
 
-    # UPop's official ViT/DeiT code keeps the softmax scale of the unsliced head_dim (spec §9.8)
+    # UPop's official ViT/DeiT code keeps the softmax scale of the unsliced head_dim (docs/specs/upop.md §9.8)
     DEFAULT_ATTENTION_SCALE = "fixed"
 
     # activation masks (ModelAdapter.attach_unit_masks): head_dim -> attn.dim_mask on q, k, v; head ->
@@ -177,7 +177,7 @@ class VitAdapter(ModelAdapter):
                 attn.scale = attn.head_dim ** -0.5
             if g.kind == "head_dim" and options.get("reinit_qkv_bias") and attn.qkv.bias is not None:
                 # reproduces the official UPop ViT/DeiT extraction, whose sliced qkv bias never reaches the
-                # new Linear: it keeps nn.Linear's default init U(-1/sqrt(in), 1/sqrt(in)) (spec §9.9)
+                # new Linear: it keeps nn.Linear's default init U(-1/sqrt(in), 1/sqrt(in)) (docs/specs/upop.md §9.9)
                 bound = attn.qkv.in_features ** -0.5
                 attn.qkv.bias.data.uniform_(-bound, bound)
         for g in structure:

@@ -20,7 +20,7 @@ Profiles
   x each ratio, optional flip, Segmenter's `inference` (short side raised to the window, sliding windows of
   512 with stride 480 = crop - 32, logits averaged over overlaps, resized to the original size, softmax,
   summed over the augmentations), argmax. Single scale = ratio 1.0 without flip; multi-scale = ratios
-  0.5, 0.75, 1.0, 1.25, 1.5, 1.75, each with and without flip (spec §6.6).
+  0.5, 0.75, 1.0, 1.25, 1.5, 1.75, each with and without flip (docs/specs/upop.md §6.6).
 - micro: `<cache_dir>/data/ade20k_micro-<hash>/ADEChallengeData2016/...`, written on first use by
   `generate_micro` in exactly the same layout (real JPEG images and PNG annotations): synthetic 64x96
   scenes (sky, ground, buildings, and objects of 5 shape classes with overlapping colour families, plus

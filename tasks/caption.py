@@ -12,7 +12,7 @@ Layout (BLIP's annotation files, configs/caption_coco.yaml):
 
 Training: prompt "a picture of " + pre_caption(caption, max_words 30) (BLIP's coco_karpathy_train), LM
 loss without the prompt tokens (model.caption_loss). Generation: beam search, 3 beams, max_length 20,
-min_length 5 (spec §7), the prompt given and stripped. image_id of a result = the number at the end of the
+min_length 5 (docs/specs/upop.md §7), the prompt given and stripped. image_id of a result = the number at the end of the
 image file name (BLIP's coco_karpathy_caption_eval). Metrics (pycocoevalcap, PTB tokenizer): Bleu_4,
 METEOR, ROUGE_L, CIDEr on "test" ("val" for selection); SPICE only when Stanford CoreNLP's jars are in
 pycocoevalcap/spice/lib (it cannot be downloaded here), otherwise reported missing with the reason, never 0.

@@ -13,7 +13,7 @@ Layout (BLIP's annotation files, https://github.com/salesforce/BLIP configs/retr
   root = <data_root>/coco; Flickr30K: <data_root>/flickr30k with flickr30k_{train,val,test}.json and
   images under images/flickr30k-images/.
 
-Evaluation (BLIP's `evaluation` + `itm_eval`, spec §8): all image and text embeddings, the cosine
+Evaluation (BLIP's `evaluation` + `itm_eval`, docs/specs/upop.md §8): all image and text embeddings, the cosine
 similarity matrix; for BLIP (has_itm) each image's top-k texts and each text's top-k images are re-scored
 with score = ITM match logit + ITC similarity (k = `k_test`: 256 COCO, 128 Flickr), every other entry -100;
 CLIP uses the cosine matrix as is. Recall@1/5/10 in both directions: image->text ranks an image's best

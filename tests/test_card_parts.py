@@ -20,10 +20,10 @@ def test_ratios_with_their_own_model_expand_to_one_dense_row_per_model():
     tiny, small = by_part["deit_tiny_patch16_224"], by_part["deit_small_patch16_224"]
     assert {c["model"] for c in tiny} == {"vit_micro_tiny"} and {c["model"] for c in small} == {"vit_micro"}
     assert sorted((c["method"], c["ratio"]["label"]) for c in tiny) == [
-        ("dense", "1x"), ("gohsp", "30%"), ("sgmp", "30%"), ("somp", "30%")]
-    assert sum(c["method"] == "dense" for c in small) == 1 and len(small) == 7
-    assert len({c["cell_id"] for c in micro}) == len(micro) == 11
-    assert len({c["hash"] for c in micro}) == 11
+        ("dense", "1x"), ("gohsp", "30%"), ("random", "30%"), ("sgmp", "30%"), ("somp", "30%"), ("taylor", "30%")]
+    assert sum(c["method"] == "dense" for c in small) == 1 and len(small) == 11     # 1 + 2 ratios x 5 methods
+    assert len({c["cell_id"] for c in micro}) == len(micro) == 17
+    assert len({c["hash"] for c in micro}) == 17
     paper = {c["cell_id"]: c for c in expand_cells(card, "paper", methods="dense")}
     assert paper["deit_tiny_patch16_224-dense-1x-seed0"]["checkpoint"] == "deit_tiny_patch16_224-a1311bcf.pth"
     assert paper["deit_small_patch16_224-dense-1x-seed0"]["checkpoint"] == "deit_small_patch16_224-cd65a155.pth"
@@ -33,9 +33,11 @@ def test_ratios_with_their_own_model_expand_to_one_dense_row_per_model():
 
 
 def test_single_part_cards_keep_their_hashes():
-    """No `part` key for ordinary cards, so the records of earlier runs stay valid."""
+    """No `part` key for ordinary cards, so the records of earlier runs stay valid; only the matched-budget cells
+    (upop_deit micro runs budgets paper and matched) are a part of their own."""
     cells = expand_cells(load_card("upop_deit"), "micro")
-    assert all("part" not in c for c in cells)
+    assert all("part" not in c for c in cells if "budget" not in c)
+    assert {c["part"] for c in cells if "budget" in c} == {"matched"}
     assert [c["cell_id"] for c in cells][:2] == ["dense-1x-seed0", "upop-1.11x-seed0"]
 
 
@@ -43,6 +45,7 @@ def _two_task_card():
     card = copy.deepcopy(load_card("upop_deit"))
     card.pop("task")
     card["tasks"] = ["imagenet", "cifar10"]
+    card["profiles"]["micro"].pop("budgets", None)
     card["profiles"]["micro"]["data"] = {}    # one data block for both tasks: only keys both know (the defaults)
     card["metrics"] = [{"name": "top1", "split": "val", "higher_is_better": True, "primary": True},
                        {"name": "top5", "split": "val", "higher_is_better": True, "task": "imagenet"}]

@@ -61,11 +61,12 @@ def test_validate_catches_incomplete_cards():
     bad["references"]["rows"][2]["top1"] = "high"
     del bad["references"]["tolerance"]["top5"]
     bad["methods"].append("magnitud")
+    typo_at = len(bad["methods"]) - 1
     del bad["profiles"]["micro"]["finetune"]
     bad["references"]["rows"].append({"method": "upop", "ratio": "3x", "top1": 1.0})
     errs = "\n".join(validate_card(bad))
     for needle in ["references.rows[2].top1: must be a number", "no tolerance for 'top5'",
-                   "methods[6]: unknown method 'magnitud'", "profiles.micro: missing finetune:",
+                   f"methods[{typo_at}]: unknown method 'magnitud'", "profiles.micro: missing finetune:",
                    "references.rows[6].ratio: '3x' is not a ratio label"]:
         assert needle in errs, errs
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from bench.errors import MissingData
-from bench.registry import MODELS, TASKS
+from bench.registry import TASKS
 from tasks.lm_perplexity import (LLAMA2_7B_DENSE_PPL, MICRO_VOCAB_SIZE, join_rows, perplexity, random_windows,
                                  raw_rows, window_nll, windows)
 from tests.conftest import build
@@ -80,8 +80,6 @@ def test_presets_references_and_missing_file(tmp_path):
 
 @pytest.mark.parametrize("arch", ["gpt2_micro", "llama_micro"])
 def test_micro_corpus_on_tiny_models(arch):
-    if arch not in MODELS:
-        pytest.skip(f"{arch} not registered")
     task = TASKS.get("wikitext2_ppl")({"train_tokens": 3000, "eval_tokens": 700, "seq_len": 32}, None, "micro",
                                       Path(__import__("os").environ["BENCH_CACHE"]))
     task.prepare()

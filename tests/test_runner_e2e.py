@@ -34,6 +34,7 @@ def tiny_env(tmp_path):
     micro["throughput"] = {"batch_size": 8, "warmup": 1, "iters": 2, "trials": 1}
     for prof in card["profiles"].values():   # the strict schema refuses settings of a method the card does not run
         prof.pop("sgmp", None)
+        prof.pop("budgets", None)             # the paper budget only (tests/test_budget.py covers matched)
     (tmp_path / "cards").mkdir()
     (tmp_path / "cards" / "tiny_deit.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
     env = dict(os.environ, BENCH_TABLES=str(tmp_path / "cards"), BENCH_CACHE=str(tmp_path / "cache"),
@@ -73,7 +74,14 @@ def test_run_reuse_report_and_compare(tiny_env):
         rep = bench(env, "report", "--table", "tiny_deit", "--format", fmt)
         assert rep.returncode == 0 and needle in rep.stdout, rep.stderr
     rep = bench(env, "report", "--table", "tiny_deit", "--retention")
-    assert "blocks" in rep.stdout or "layer" in rep.stdout
+    # one table per pruned cell (upop and somp at 1.11x and 1.67x; the dense row has none), each ending in its
+    # "all" row with the head_dim and ffn columns
+    titles = [line for line in rep.stdout.splitlines() if line.startswith("Retention (fraction of units kept): ")]
+    assert sorted(t.split(": ", 1)[1] for t in titles) == sorted(
+        f"{m} {r} seed 0" for m in ("upop", "somp") for r in ("1.11x", "1.67x")), rep.stdout
+    assert sum(line.split()[:1] == ["all"] for line in rep.stdout.splitlines()) == 4, rep.stdout
+    assert all(line.split()[:3] == ["layer", "head_dim", "ffn"] for line in rep.stdout.splitlines()
+               if line.split()[:1] == ["layer"]), rep.stdout
 
     same = bench(env, "compare", str(csv_file), str(csv_file))
     assert same.returncode == 0 and "no regression" in same.stdout

@@ -58,7 +58,7 @@ def test_paper_structure_has_14_layers_with_upops_unit_sizes():
     st = adapter.structure(model)
     assert sorted({g.layer for g in st}) == list(range(14))
     per = {g.kind: g.params_per_unit for g in st}
-    assert per == {"head_dim": 9234, "head": 98496, "ffn": 769}         # spec §3.4: exact in the decoder too
+    assert per == {"head_dim": 9234, "head": 98496, "ffn": 769}         # docs/specs/upop.md §3.4: exact in the decoder too
     prunable = kept_param_count(model, adapter.structure(model, ["head_dim", "ffn"]),
                                 adapter.structure(model, ["head_dim", "ffn"]).full_keep())["prunable_dense"]
     assert prunable == 14 * (64 * 9234 + 1536 * 769)                     # 24.81 M
@@ -215,7 +215,7 @@ def test_checkpoint_errors_name_the_keys(tmp_path, micro_seg):
 
 
 # ---------------------------------------------------------------------------------------------------
-# the paper's numbers (spec §6.6: 26.4 M params, 38.6 G FLOPs at 1x3x512x512, fvcore convention)
+# the paper's numbers (docs/specs/upop.md §6.6: 26.4 M params, 38.6 G FLOPs at 1x3x512x512, fvcore convention)
 
 def test_paper_params_and_flops_on_meta():
     res = measure.arch_flops("segmenter_small_mask_512")

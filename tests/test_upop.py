@@ -164,6 +164,7 @@ def deit_small_searched():
 PAPER_PARAMS = {0.1: 19.92, 0.2: 17.80, 0.3: 15.67, 0.4: 13.54, 0.5: 11.42}
 
 
+@pytest.mark.slow     # ten DeiT-S searches at 224; the budget arithmetic itself is pinned cheaply below
 def test_deit_small_params_match_the_paper_table(deit_small_searched):
     """Spec §5: with exact weights, params after pruning = 22.05M - p x 21.27M: 19.92 / 17.80 / 15.67 / 13.54 / 11.42.
     The closest-threshold rule lands within 0.01 M; the official rule keeps the unit at the threshold
@@ -172,6 +173,23 @@ def test_deit_small_params_match_the_paper_table(deit_small_searched):
         assert abs(deit_small_searched["closest", p] - want) <= 0.01, deit_small_searched
         assert abs(deit_small_searched["official", p] - want) <= 0.01 + 9234e-6, deit_small_searched
 
+
+
+def test_deit_small_budget_arithmetic_without_a_search():
+    """The cheap exact form of the check above: the unified weighted ranking on DeiT-S's real structure (random
+    standardised importance, no search) keeps 22.05M - p x 21.27M params, within 0.01M (closest rule) and one
+    attention unit more (official rule)."""
+    adapter, dense = build("deit_small_patch16_224")
+    groups = list(adapter.structure(dense, ["head_dim", "ffn"]))
+    st = adapter.structure(dense, ["head_dim", "ffn"])
+    values = standardised_importance(groups, _fake(groups, 3))
+    w = unit_weights(groups, "exact")
+    assert {w[g.name] for g in groups} == {9234.0, 769.0}
+    for p, want in PAPER_PARAMS.items():
+        for rule, tol in (("closest", 0.01), ("official", 0.01 + 9234e-6)):
+            sel = unified_selection(groups, values, w, p, rule)
+            got = kept_param_count(dense, st, {n: ~s for n, s in sel.items()})["total"] / 1e6
+            assert abs(got - want) <= tol, (rule, p, got)
 
 
 def test_official_36_weights_report_the_ratio_in_weighted_units():

@@ -1,0 +1,64 @@
+"""Random units: the floor any structured-pruning method must beat.
+
+From the converged dense model, give every unit of the chosen kinds an independent uniform random score (a
+`torch.Generator` seeded by the cell's seed, so seeds differ and a rerun repeats) and remove the lowest-scoring
+units with exactly the selection SOMP uses (methods.magnitude.select_for_method), so the units are random but
+the budget is SOMP's: the same unit kinds, the same allocation (per_type: p of each kind's params; per_layer,
+global, gohsp as SOMP), the same min-one-unit-per-group rule. The runner then extracts the subnet and finetunes
+it with the card's finetune block, as SOMP. A method whose rows do not beat `random` at the same training compute
+has not shown that its criterion matters.
+
+Options (card `method_options.random`, declared in RandomOptions): unit_kinds, allocation and GOHSP's budget
+options, as SOMP's block (mirror the card's somp block); there is no norm.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from bench.api import Method
+from bench.options import OptionsModel
+from bench.registry import register_method
+from methods.magnitude import method_structure, select_for_method
+
+
+class RandomOptions(OptionsModel):
+    """The card's `method_options.random` block: SOMP's budget keys without the score (the scores are random)."""
+
+    unit_kinds: list[Literal["head", "head_dim", "ffn", "hidden"]] = Field(
+        ["head", "ffn"], min_length=1,
+        description="unit kinds to prune (mirror the card's somp block: [head_dim, ffn] on the UPop cards)")
+    allocation: Literal["per_type", "per_layer", "global", "gohsp"] = Field(
+        "per_type", description="per_type: p of each kind's params; per_layer: p of every group; global: one ranking "
+                                "(scores / sqrt(params per unit)); gohsp: GOHSP's unit budgets (as SOMP)")
+    head_budget: Literal["per_block", "global"] = Field(
+        "per_block", description="allocation gohsp: heads removed per block, or one ranking across blocks")
+    attn_split: Literal["geometric", "heads_only"] = Field(
+        "geometric", description="allocation gohsp: heads and head-dims keep sqrt(1-q) each, or heads only")
+    ffn_budget: Literal["global", "per_layer"] = Field(
+        "global", description="allocation gohsp: one ranking of all FFN neurons, or the same count per layer")
+
+
+def random_scores(structure, seed: int) -> dict:
+    """Independent U(0, 1) scores per unit, from a generator seeded by `seed` (the global RNG is not touched)."""
+    g = torch.Generator().manual_seed(int(seed))
+    return {grp.name: torch.rand(grp.size, generator=g, dtype=torch.float64) for grp in structure}
+
+
+@register_method("random")
+class RandomUnits(Method):
+    name = "random"
+    impl = "baseline"
+    finetune = True
+    description = "random units at SOMP's per-kind budget + finetune (the floor)"
+    Options = RandomOptions
+
+    def prune(self, ctx):
+        o, _, _ = self.typed_blocks(ctx)
+        st = method_structure(ctx)
+        scores = random_scores(st, ctx.seed)
+        keep = select_for_method(ctx, st, scores, ctx.ratio.p, o.allocation)
+        ctx.info["options"] = {"unit_kinds": st.kinds(), "allocation": o.allocation, "seed": int(ctx.seed)}
+        return keep

@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="one submitit job per cell: slurm (a job array on a Slurm cluster, requeued on pre-emption "
                         "or time-out) or local (the same jobs on this machine). Default: cells run here, by pytest")
     g.add_argument("--gpus-per-cell", type=int, default=1, metavar="G",
-                   help="GPUs of each cell's job (default 1; 0: CPU jobs); G > 1: data-parallel (needs issue 13)")
+                   help="GPUs of each cell's job (default 1; 0: CPU jobs); G > 1: the cell data-parallel on its G GPUs, torchrun in the job")
     g.add_argument("--partition", help="slurm: partition (sbatch --partition)")
     g.add_argument("--time", dest="time_limit", metavar="HH:MM",
                    help="launchers: time limit of each job (HH:MM, D-HH:MM or minutes; slurm default 24:00); "
@@ -312,8 +312,8 @@ def cmd_run(args):
         pargs.append("--bench-quiet")
     if args.force:
         pargs.append("--bench-force")
-    from bench.workers import DEFAULT_WORKERS
-    workers = args.workers or DEFAULT_WORKERS
+    from bench.workers import default_workers
+    workers = args.workers or default_workers(cells, device)
     if workers > 1:   # pytest-xdist; the workers load the plugin by name (-p), this process gets it as an object
         import os
         pargs += ["-n", str(workers), "--dist", "load", "-p", "bench.pytest_plugin"]

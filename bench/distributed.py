@@ -36,6 +36,7 @@ import hashlib
 import io
 import os
 import pickle
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
@@ -423,3 +424,64 @@ def run_command(cmd_run, args):
     finally:
         sys.stdout.flush()
         cleanup()
+
+
+# --------------------------------------------------------------------------------------------------------
+# one cell on G processes: what a `--launcher local|slurm --gpus-per-cell G` job runs
+
+def launch_cell(cell: dict, paths: dict, nproc_per_node: int, train_options: dict | None = None) -> tuple[dict, bool]:
+    """Run one cell data-parallel on `nproc_per_node` processes of this node with torchrun (torch.distributed.run,
+    `--standalone`: a rendezvous on this node), one per GPU of the job (gloo processes on CPU). Every rank runs
+    `python -m bench.distributed --cell <cells/<hash>/launch.json>`; rank 0 writes the record, which is returned
+    with whether it was reused. A cell across several nodes is not launched this way: start torchrun yourself."""
+    import subprocess
+    import sys
+
+    from bench.errors import CellFailure
+    from bench.records import cell_dir, read_record, record_path
+    from bench.structure import write_json_atomic
+    output = Path(paths["output"])
+    folder = cell_dir(output, cell["table"], cell["hash"])
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = folder / "launch.json"
+    write_json_atomic(spec, {"cell": cell, "paths": {k: str(v) for k, v in paths.items()},
+                             "train_options": train_options or {}})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={int(nproc_per_node)}",
+           "-m", "bench.distributed", "--cell", str(spec)]
+    done = subprocess.run(cmd)
+    rec = read_record(record_path(output, cell["table"], cell["hash"]))
+    if rec is None:
+        raise CellFailure(f"{cell['cell_id']}: torchrun on {nproc_per_node} processes ended (exit {done.returncode}) "
+                          f"without a record; its log is above")
+    return rec, False   # the job checked for a finished record before launching
+
+
+def _cell_main(argv=None) -> int:
+    """A rank of `launch_cell`: join the group torchrun made, run the cell with the run's training options
+    (the cell lock and record reuse as in `bench run`; rank 0 writes), leave the group."""
+    import argparse
+    import json
+
+    from bench.config import Paths
+    from bench.locks import run_cell_once
+    from bench.runner import Session
+    p = argparse.ArgumentParser(prog="python -m bench.distributed", description=_cell_main.__doc__)
+    p.add_argument("--cell", required=True, help="the launch.json launch_cell wrote")
+    job = json.loads(Path(p.parse_args(argv).cell).read_text())
+    cell = job["cell"]
+    init(cell.get("device") or "cpu")
+    try:
+        session = Session(Paths(**{k: Path(v) for k, v in job["paths"].items()}),
+                          log=print if is_main() else (lambda *a, **k: None), **job["train_options"])
+        rec, reused = run_cell_once(cell, session)
+        if is_main():
+            print(f"{cell['cell_id']}: {rec['status']}" + (" (reused)" if reused else "")
+                  + f" on {world_size()} processes", flush=True)
+    finally:
+        cleanup()
+    return 0
+
+
+if __name__ == "__main__":   # the module torchrun starts (the functions above run from the imported copy)
+    import bench.distributed as _self
+    raise SystemExit(_self._cell_main())

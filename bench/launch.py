@@ -14,16 +14,14 @@ model's under `<cache>/dense/<model>-<hash>/train_state/`. The job ids are kept 
   once (slots: `jobs/slots/slot-<i>.lock`), each with its GPU(s) or its share of the CPU threads; the others
   wait (`queued` in `bench status`).
 
-`--gpus-per-cell G > 1` runs the cell data-parallel on its G GPUs: the job calls
-`bench.distributed.launch_cell(cell, paths, nproc_per_node=G, train_options=...)` (torchrun-style: one
-process per GPU, rank 0 writes the record), the entry point of the paper-scale issue (13). Until that module
-exists such cells are refused before anything is submitted.
+`--gpus-per-cell G > 1` runs the cell data-parallel on its G GPUs of one node: the job calls
+`bench.distributed.launch_cell(cell, paths, nproc_per_node=G, train_options=...)`, which starts torchrun
+(`--standalone`, one process per GPU; G gloo processes on CPU) and returns the record rank 0 wrote.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import importlib.util
 import json
 import os
 import re
@@ -39,8 +37,6 @@ WORD = {"pass": "PASSED", "fail": "FAILED", "error": "FAILED", "no_ref": "NO-REF
 JOBS_VERSION = 1
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60           # the local executor's own time limit (its default is 2 minutes)
 SLURM_DEFAULT_TIME_MIN = 24 * 60
-DISTRIBUTED_MISSING = ("data-parallel cells need issue 13's torchrun support (a module bench.distributed with "
-                       "launch_cell(cell, paths, nproc_per_node, train_options)); until then use --gpus-per-cell 1")
 
 
 @dataclass
@@ -88,14 +84,10 @@ def parse_slurm_args(items) -> dict:
 
 
 def require_distributed(gpus_per_cell: int):
-    """bench.distributed for a data-parallel cell (G > 1), or a BenchError saying what is missing."""
+    """bench.distributed for a data-parallel cell (G > 1), else None (the cell runs in the job's process)."""
     if gpus_per_cell <= 1:
         return None
-    if importlib.util.find_spec("bench.distributed") is None:
-        raise BenchError(f"--gpus-per-cell {gpus_per_cell}: {DISTRIBUTED_MISSING}")
     import bench.distributed as dist
-    if not hasattr(dist, "launch_cell"):
-        raise BenchError(f"--gpus-per-cell {gpus_per_cell}: bench.distributed has no launch_cell; {DISTRIBUTED_MISSING}")
     return dist
 
 
@@ -186,9 +178,12 @@ class CellJob:
                 else:
                     share_cpu(self.slots["n"])
             dist = require_distributed(self.gpus_per_cell)
-            if dist is not None:
-                return dist.launch_cell(cell, paths, nproc_per_node=self.gpus_per_cell,
-                                        train_options=self.train_options)
+            if dist is not None:   # data parallel on this job's G GPUs (G gloo processes on CPU)
+                _job_log(f"{cell['table']}::{cell['cell_id']} ({cell['hash']}) on {socket.gethostname()}: torchrun "
+                         f"--nproc_per_node {self.gpus_per_cell}")
+                rec, reused = dist.launch_cell(cell, self.paths, nproc_per_node=self.gpus_per_cell,
+                                               train_options=self.train_options)
+                return self._result(rec, reused)
             from bench.runner import Session
             session = Session(paths, log=_job_log, **self.train_options)
             _job_log(f"{cell['table']}::{cell['cell_id']} ({cell['hash']}) on {socket.gethostname()}, pid {os.getpid()}")

@@ -423,8 +423,10 @@ def run_cell(cfg: dict, session: Session) -> dict:
     """Run one cell end to end and write its record; exceptions become an 'error' record."""
     t_start = time.perf_counter()
     record = _empty_record(cfg)
+    from bench.workers import single_thread_on_cpu
     try:
-        _run_cell(cfg, session, record)
+        with single_thread_on_cpu(cfg.get("device") or "cpu"):   # results independent of the core count
+            _run_cell(cfg, session, record)
     except (CellFailure, BenchError) as e:
         record.update(status="error", reason=str(e))
     except torch.cuda.OutOfMemoryError as e:   # noqa: F841

@@ -8,6 +8,46 @@ import os
 # process. Two workers on two cores were not faster for the small cards: each worker pays the imports and
 # the synthetic data set again, and both wait for the dense model that every other cell needs first.
 DEFAULT_WORKERS = 1
+WORKERS_ENV = "BENCH_WORKERS"   # the default of --workers when set (tests set 1)
+
+
+def default_workers(cells: list, device: str) -> int:
+    """`bench run` without --workers: $BENCH_WORKERS when set; else, for cells on CPU with synthetic data (the
+    micro profile), one worker per core (at most one per cell): a CPU cell computes on one thread
+    (`single_thread_on_cpu`), so N cores run N cells at once. Measured on the 2-core development machine, cold,
+    quiet: the flagship upop_nlvr2 micro table (19 cells) took 780 s serial (2 threads) and 616 s with 2 workers.
+    Anything else (GPUs, real data): 1, serial."""
+    env = os.environ.get(WORKERS_ENV)
+    if env:
+        return max(1, int(env))
+    if int(os.environ.get("WORLD_SIZE") or 1) > 1:   # under torchrun every rank runs the cells itself
+        return DEFAULT_WORKERS
+    if device != "cpu" or not cells or any(c.get("data_source") != "synthetic" for c in cells):
+        return DEFAULT_WORKERS
+    return max(1, min(cpu_cores(), len(cells)))
+
+
+def single_thread_on_cpu(device: str):
+    """A context in which torch computes on one intra-op thread when `device` is the CPU (else it changes
+    nothing). A cell's result must not depend on the machine's core count: the order of a multi-threaded float
+    reduction does, and the micro NLVR2 dense model (same code, seed and data) reached 65.75 dev accuracy with 2
+    threads and 76.50 with 1. Parallelism on CPU comes from workers (one cell per core) instead."""
+    import contextlib
+
+    import torch
+
+    @contextlib.contextmanager
+    def ctx():
+        if str(device).split(":")[0] != "cpu":
+            yield
+            return
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+    return ctx()
 
 
 def cpu_cores() -> int:

@@ -17,8 +17,9 @@ from methods import _importance as importance
 ALLOCATIONS = ("per_type", "per_layer", "global", "gohsp")
 
 
-class MagnitudeOptions(OptionsModel):
-    """The card's `method_options.somp` / `method_options.sgmp` block."""
+class BudgetOptions(OptionsModel):
+    """The budget keys of every method that scores units and keeps the best at SOMP's budget (somp, sgmp, taylor,
+    random, wanda_sp): which unit kinds, and how p is spread over them."""
 
     unit_kinds: list[Literal["head", "head_dim", "ffn", "hidden"]] = Field(
         ["head", "ffn"], min_length=1,
@@ -26,13 +27,18 @@ class MagnitudeOptions(OptionsModel):
     allocation: Literal["per_type", "per_layer", "global", "gohsp"] = Field(
         "per_type", description="per_type: one ranking per kind, p of its params; per_layer: p of every group; "
                                 "global: one ranking, scores / sqrt(params per unit); gohsp: GOHSP's unit budgets")
-    norm: Literal["l1", "l2"] = Field("l2", description="norm of the weights a unit owns, its score")
     head_budget: Literal["per_block", "global"] = Field(
         "per_block", description="allocation gohsp: heads removed per block, or one ranking across blocks")
     attn_split: Literal["geometric", "heads_only"] = Field(
         "geometric", description="allocation gohsp: heads and head-dims keep sqrt(1-q) each, or heads only")
     ffn_budget: Literal["global", "per_layer"] = Field(
         "global", description="allocation gohsp: one ranking of all FFN neurons, or the same count per layer")
+
+
+class MagnitudeOptions(BudgetOptions):
+    """The card's `method_options.somp` / `method_options.sgmp` block."""
+
+    norm: Literal["l1", "l2"] = Field("l2", description="norm of the weights a unit owns, its score")
 
 
 def unit_scores(model, structure: Structure, norm: str = "l2") -> dict:

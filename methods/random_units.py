@@ -13,32 +13,15 @@ options, as SOMP's block (mirror the card's somp block); there is no norm.
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 
 from bench.api import Method
-from bench.options import OptionsModel
 from bench.registry import register_method
-from methods.magnitude import method_structure, select_for_method
+from methods.magnitude import BudgetOptions, method_structure, select_for_method
 
 
-class RandomOptions(OptionsModel):
+class RandomOptions(BudgetOptions):
     """The card's `method_options.random` block: SOMP's budget keys without the score (the scores are random)."""
-
-    unit_kinds: list[Literal["head", "head_dim", "ffn", "hidden"]] = Field(
-        ["head", "ffn"], min_length=1,
-        description="unit kinds to prune (mirror the card's somp block: [head_dim, ffn] on the UPop cards)")
-    allocation: Literal["per_type", "per_layer", "global", "gohsp"] = Field(
-        "per_type", description="per_type: p of each kind's params; per_layer: p of every group; global: one ranking "
-                                "(scores / sqrt(params per unit)); gohsp: GOHSP's unit budgets (as SOMP)")
-    head_budget: Literal["per_block", "global"] = Field(
-        "per_block", description="allocation gohsp: heads removed per block, or one ranking across blocks")
-    attn_split: Literal["geometric", "heads_only"] = Field(
-        "geometric", description="allocation gohsp: heads and head-dims keep sqrt(1-q) each, or heads only")
-    ffn_budget: Literal["global", "per_layer"] = Field(
-        "global", description="allocation gohsp: one ranking of all FFN neurons, or the same count per layer")
 
 
 def random_scores(structure, seed: int) -> dict:

@@ -27,24 +27,13 @@ from pydantic import Field
 from bench.api import Method
 from bench.options import OptionsModel, PositiveInt
 from bench.registry import register_method
-from methods.magnitude import method_structure, select_for_method
+from methods._importance import _unit_rows
+from methods.magnitude import BudgetOptions, method_structure, select_for_method
 
 
-class TaylorOptions(OptionsModel):
+class TaylorOptions(BudgetOptions):
     """The card's `method_options.taylor` block: SOMP's budget keys and the Taylor criterion."""
 
-    unit_kinds: list[Literal["head", "head_dim", "ffn", "hidden"]] = Field(
-        ["head", "ffn"], min_length=1,
-        description="unit kinds to prune (mirror the card's somp block: [head_dim, ffn] on the UPop cards)")
-    allocation: Literal["per_type", "per_layer", "global", "gohsp"] = Field(
-        "per_type", description="per_type: p of each kind's params; per_layer: p of every group; global: one ranking "
-                                "(scores / sqrt(params per unit)); gohsp: GOHSP's unit budgets (as SOMP)")
-    head_budget: Literal["per_block", "global"] = Field(
-        "per_block", description="allocation gohsp: heads removed per block, or one ranking across blocks")
-    attn_split: Literal["geometric", "heads_only"] = Field(
-        "geometric", description="allocation gohsp: heads and head-dims keep sqrt(1-q) each, or heads only")
-    ffn_budget: Literal["global", "per_layer"] = Field(
-        "global", description="allocation gohsp: one ranking of all FFN neurons, or the same count per layer")
     criterion: Literal["abs_sum", "squared"] = Field(
         "abs_sum", description="abs_sum: |sum over the calibration batches of sum(w * dL/dw)|; squared: the mean over "
                                "batches of (sum(w * dL/dw))**2 (Molchanov 2019)")
@@ -69,9 +58,7 @@ def unit_contributions(model, structure) -> dict:
             if p.grad is None:
                 continue
             t = (p.detach() * p.grad.detach()).to("cpu", torch.float64)
-            t = t.movedim(s.dim, 0).reshape(*s.view, -1)
-            t = t.movedim(s.axis, 0).reshape(g.size, -1)
-            acc += t.sum(1)
+            acc += _unit_rows(t, s, g.size).sum(1)   # signed: the criterion takes |.| of the sum over batches
         out[g.name] = acc
     return out
 

@@ -1,9 +1,14 @@
 import copy
+import os
 
 import pytest
 import torch
 
 from bench.registry import MODELS
+
+# `bench run` in the tests runs its cells serially unless a test asks for workers (without --workers the micro
+# profile on CPU takes one worker per core); child processes inherit this
+os.environ.setdefault("BENCH_WORKERS", "1")
 
 
 def build(arch, seed=0, **overrides):

@@ -175,16 +175,21 @@ def test_slurm_states_map_to_cell_states():
     assert slurm_job_state("COMPLETED")[0] == "finished" and slurm_job_state(None)[0] == "unknown"
 
 
-def test_data_parallel_cells_need_bench_distributed(tmp_path, capsys):
-    code = main(["run", "--table", "upop_deit", "--launcher", "slurm", "--gpus-per-cell", "2"])
-    err = capsys.readouterr().err
-    assert code == 2 and "data-parallel cells need issue 13's torchrun support" in err, err
-    job = CellJob({"table": "t", "hash": "0" * 16, "cell_id": "c", "device": "cuda"},
-                  {k: str(tmp_path / k) for k in ("data_root", "checkpoints", "cache", "output")}, {}, gpus_per_cell=2)
-    with pytest.raises(BenchError, match="issue 13"):
-        job()
-    ck = job.checkpoint()                              # what submitit requeues: the same job
-    assert ck.function is job
+@pytest.mark.slow
+def test_local_launcher_runs_a_cell_data_parallel_on_two_processes(tmp_path):
+    """--gpus-per-cell 2: each job starts torchrun with 2 ranks (gloo on CPU); rank 0 writes the record, whose
+    keep-masks were checked identical on both ranks."""
+    env = tiny_env(tmp_path, methods=("dense", "somp"))
+    r = bench(env, "run", "--table", "tiny_deit", "--ratios", "1.11x", "--launcher", "local", "--gpus-per-cell", "2",
+              "--device", "cpu")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    recs = records(tmp_path / "out" / "tiny_deit")
+    assert len(recs) == 2, recs.keys()
+    somp = next(rec for rec in recs.values() if rec["method"] == "somp")
+    dp = somp["method_info"]["data_parallel"]
+    assert dp["world_size"] == 2 and dp["keep_masks_identical"] is True, dp
+    log = "".join(p.read_text() for p in (tmp_path / "out" / "tiny_deit" / "jobs").rglob("*_log.out"))
+    assert "torchrun --nproc_per_node 2" in log and "on 2 processes" in log, log[-3000:]
 
 
 @pytest.mark.parametrize("argv,needle", [

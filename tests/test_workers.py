@@ -167,3 +167,4 @@ def test_atomic_json_writes_from_many_threads_do_not_collide(tmp_path):
     assert not errors, errors[:1]
     assert json.loads(path.read_text())["k"] == 59
     assert not list(path.parent.glob(".*.tmp"))
+

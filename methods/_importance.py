@@ -55,22 +55,27 @@ def magnitude(model_or_tensors, structure: Structure, norm: str = "l2") -> dict:
 
 
 @torch.no_grad()
-def taylor(model: nn.Module, structure: Structure) -> dict:
-    """Per group: sum over the weights each unit owns of |w * grad| (first-order Taylor, Molchanov et al. 2019;
-    Torch-Pruning's TaylorImportance), from the `.grad` the caller accumulated (a unit whose weights have no
-    grad scores 0)."""
+def per_unit_sum(model: nn.Module, structure: Structure, weight_fn) -> dict:
+    """Per group: sum over the weights each unit owns of `weight_fn(param)` (a tensor of the param's shape, float64
+    on CPU), skipping the params for which it returns None."""
     params = dict(model.named_parameters())
     out = {}
     for g in structure:
         acc = torch.zeros(g.size, dtype=torch.float64)
         for s in g.slices:
-            p = params[s.param]
-            if p.grad is None:
-                continue
-            wg = (p.detach().to("cpu", torch.float64) * p.grad.detach().to("cpu", torch.float64)).abs()
-            acc += _unit_rows(wg, s, g.size).sum(1)
+            t = weight_fn(params[s.param])
+            if t is not None:
+                acc += _unit_rows(t, s, g.size).sum(1)
         out[g.name] = acc
     return out
+
+
+def taylor(model: nn.Module, structure: Structure) -> dict:
+    """Per group: sum over the weights each unit owns of |w * grad| (first-order Taylor, Molchanov et al. 2019;
+    Torch-Pruning's TaylorImportance), from the `.grad` the caller accumulated (a unit whose weights have no
+    grad scores 0)."""
+    return per_unit_sum(model, structure, lambda p: None if p.grad is None else (
+        p.detach().to("cpu", torch.float64) * p.grad.detach().to("cpu", torch.float64)).abs())
 
 
 def _module_of(model: nn.Module, param: str):

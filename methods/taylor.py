@@ -27,7 +27,7 @@ from pydantic import Field
 from bench.api import Method
 from bench.options import OptionsModel, PositiveInt
 from bench.registry import register_method
-from methods._importance import _unit_rows
+from methods._importance import per_unit_sum
 from methods.magnitude import BudgetOptions, method_structure, select_for_method
 
 
@@ -48,19 +48,10 @@ class TaylorSettings(OptionsModel):
 
 
 def unit_contributions(model, structure) -> dict:
-    """Per group: sum over each unit's weights of w * w.grad (float64, on CPU); 0 where a tensor has no gradient."""
-    params = dict(model.named_parameters())
-    out = {}
-    for g in structure:
-        acc = torch.zeros(g.size, dtype=torch.float64)
-        for s in g.slices:
-            p = params[s.param]
-            if p.grad is None:
-                continue
-            t = (p.detach() * p.grad.detach()).to("cpu", torch.float64)
-            acc += _unit_rows(t, s, g.size).sum(1)   # signed: the criterion takes |.| of the sum over batches
-        out[g.name] = acc
-    return out
+    """Per group: sum over each unit's weights of w * w.grad (float64, on CPU; signed: the criterion takes |.| of
+    the sum over batches); 0 where a tensor has no gradient."""
+    return per_unit_sum(model, structure, lambda p: None if p.grad is None else (
+        p.detach() * p.grad.detach()).to("cpu", torch.float64))
 
 
 def taylor_scores(model, structure, task, device, batches: int, batch_size: int, seed: int,

@@ -140,17 +140,27 @@ def run_cell_once(cfg: dict, session, on_start: Callable[[], None] | None = None
     taken (waiting while another process computes the cell), the record is looked for again (the other
     process may have finished it meanwhile) and only then is the cell run (`on_start()` first). An `error`
     record is recomputed, and so is every cell with `force` (bench run --force)."""
-    from bench.runner import reuse_record, run_cell
     from bench import distributed as dist
+    from bench.runner import reuse_record
     if dist.is_distributed():
         return _run_cell_once_distributed(cfg, session, on_start, force)
     output = session.paths.output
     rec = reuse_record(output, cfg, force)
     if rec is not None:
         return rec, True
+    return _compute_under_lock(cfg, session, on_start, force)
+
+
+def _compute_under_lock(cfg: dict, session, on_start, force: bool, tell=None) -> tuple[dict, bool]:
+    """Hold the cell's lock, look for its record once more (another process may have finished it while this one
+    waited; `tell(record or None)` passes what was found on, e.g. to the other ranks), else run the cell."""
+    from bench.runner import reuse_record, run_cell
+    output = session.paths.output
     lock = cell_lock_path(output, cfg["table"], cfg["hash"])
     with held(lock, f"cell {cfg['table']}::{cfg['cell_id']}", log=session.log, write_owner=True) as waited:
         rec = reuse_record(output, cfg, force)
+        if tell is not None:
+            tell(rec)
         if rec is not None:
             session.log(f"{cfg['cell_id']}: computed by another process while this one waited ({waited:.0f} s): reused")
             return rec, True
@@ -171,16 +181,7 @@ def _run_cell_once_distributed(cfg: dict, session, on_start, force: bool = False
     rec = reuse_record(output, cfg, force)
     if rec is not None:
         return dist.broadcast_object(rec), True
-    lock = cell_lock_path(output, cfg["table"], cfg["hash"])
-    with held(lock, f"cell {cfg['table']}::{cfg['cell_id']}", log=session.log, write_owner=True) as waited:
-        rec = reuse_record(output, cfg, force)
-        dist.broadcast_object(rec)
-        if rec is not None:
-            session.log(f"{cfg['cell_id']}: computed by another process while this one waited ({waited:.0f} s): reused")
-            return rec, True
-        if on_start is not None:
-            on_start()
-        return run_cell(cfg, session), False
+    return _compute_under_lock(cfg, session, on_start, force, tell=dist.broadcast_object)
 
 
 def slot(folder: Path, n: int, poll_s: float = 0.5) -> "contextlib.AbstractContextManager[int]":

@@ -2,11 +2,10 @@
 worker gets, or its share of the CPU threads, and the default number of workers."""
 from __future__ import annotations
 
+import contextlib
 import os
 
-# The micro default of `bench run --workers` (measured on a 2-core machine, see README "Many cells"): one
-# process. Two workers on two cores were not faster for the small cards: each worker pays the imports and
-# the synthetic data set again, and both wait for the dense model that every other cell needs first.
+# `bench run` without --workers on GPUs or real data: serial (micro cells on CPU: `default_workers`)
 DEFAULT_WORKERS = 1
 WORKERS_ENV = "BENCH_WORKERS"   # the default of --workers when set (tests set 1)
 
@@ -27,27 +26,22 @@ def default_workers(cells: list, device: str) -> int:
     return max(1, min(cpu_cores(), len(cells)))
 
 
+@contextlib.contextmanager
 def single_thread_on_cpu(device: str):
     """A context in which torch computes on one intra-op thread when `device` is the CPU (else it changes
     nothing). A cell's result must not depend on the machine's core count: the order of a multi-threaded float
     reduction does, and the micro NLVR2 dense model (same code, seed and data) reached 65.75 dev accuracy with 2
     threads and 76.50 with 1. Parallelism on CPU comes from workers (one cell per core) instead."""
-    import contextlib
-
     import torch
-
-    @contextlib.contextmanager
-    def ctx():
-        if str(device).split(":")[0] != "cpu":
-            yield
-            return
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
-    return ctx()
+    if str(device).split(":")[0] != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def cpu_cores() -> int:

@@ -20,19 +20,12 @@ import json
 import os
 import socket
 import time
-import uuid
 from pathlib import Path
 from typing import Callable
 
 from filelock import FileLock, Timeout
 
 WAIT_LOG_EVERY_S = 60.0
-
-
-def unique_tmp(path: Path) -> Path:
-    """A temp name next to `path` that no other process or thread uses: `.<name>.<pid>.<random>.tmp`."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
 def job_id() -> str | None:

@@ -5,29 +5,26 @@ line and exits with code 2) when the folder is a file, cannot be created or writ
 MIN_FREE_MB free; `bench run` calls it for --output (and the cache) before any cell runs.
 
 `clean_temp_files(folders, run_start)` removes the temp files a killed writer left behind: every file is
-written under a unique temporary name `.<name>.<pid>.<random>.tmp` and renamed into place (bench.atomic,
-bench.locks.unique_tmp, the dense cache), so a kill between the write and the rename leaves one. A temp file
-is removed when its writer is certainly gone: its pid is not alive on this host and the file was last written
-before this run started (minus a grace of STALE_PID_GRACE_S, so that a writer on another node of a shared file
-system, whose pid means nothing here, is not raced), or it was last written more than STALE_AGE_S before this
-run started (whoever wrote it, nobody is writing it any more). A temp file of a live concurrent run is kept.
+written under a unique temporary name `.<name>.<host>-<pid>.<random>.tmp` (bench.atomic.temp_path) and renamed
+into place, so a kill between the write and the rename leaves one. A temp file is removed when its writer is
+certainly gone: it was written on this host (the host tag matches) by a pid that is no longer alive; or, with
+no host tag (an older name), its pid is not alive here and it was last written STALE_PID_GRACE_S before this
+run started (a writer on another node of a shared file system, whose pid means nothing here, is not raced);
+or it was last written more than STALE_AGE_S before this run started (whoever wrote it, nobody is writing it
+any more). A temp file of a live concurrent run is kept, and so is a fresh one from another host.
 """
 from __future__ import annotations
 
-import os
-import re
 import shutil
 import time
-import uuid
 from pathlib import Path
 
-from bench.atomic import pid_alive
+from bench.atomic import TEMP_NAME, host_tag, pid_alive, temp_path
 from bench.errors import BenchError
 
 MIN_FREE_MB = 100          # records, manifests, CSVs and plots of a micro run need a few MB; refuse below this
 STALE_PID_GRACE_S = 60.0
 STALE_AGE_S = 6 * 3600.0
-_TMP = re.compile(r"^\..+\.(\d+)\.[0-9a-f]+\.tmp$")
 
 
 def check_writable(path, what: str = "output folder", flag: str = "--output DIR (or $BENCH_OUTPUT)",
@@ -44,7 +41,7 @@ def check_writable(path, what: str = "output folder", flag: str = "--output DIR 
         base = base.parent
     if not base.is_dir():
         raise BenchError(f"{what} {path} cannot be created: {base} is a file, not a folder: {fix}")
-    probe = base / f".bench-write-probe.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    probe = temp_path(base / ".bench-write-probe")
     try:
         with open(probe, "wb") as f:
             f.write(b"ok")
@@ -66,18 +63,23 @@ def check_writable(path, what: str = "output folder", flag: str = "--output DIR 
 def clean_temp_files(folders, run_start: float | None = None, log=None) -> list:
     """Remove the temp files a dead writer left under `folders` (see the module's docstring). Returns them."""
     run_start = time.time() if run_start is None else run_start
-    removed = []
+    removed, here = [], host_tag()
     for folder in folders:
         folder = Path(folder)
         if not folder.is_dir():
             continue
         for p in folder.rglob("*.tmp"):
-            m = _TMP.match(p.name)
+            m = TEMP_NAME.match(p.name)
             try:
                 mtime = p.stat().st_mtime
             except OSError:
                 continue
-            dead = m is not None and not pid_alive(int(m.group(1))) and mtime < run_start - STALE_PID_GRACE_S
+            if m is None:
+                dead = False
+            elif m.group(1) is None:       # no host tag: the pid may belong to another node
+                dead = not pid_alive(int(m.group(2))) and mtime < run_start - STALE_PID_GRACE_S
+            else:
+                dead = m.group(1) == here and not pid_alive(int(m.group(2)))
             if dead or mtime < run_start - STALE_AGE_S:
                 try:
                     p.unlink()

@@ -354,8 +354,8 @@ class Session:
                           state_dir=folder / "train_state", **self.train_options, **recipe)
             if dist.is_main():
                 folder.mkdir(parents=True, exist_ok=True)
-                from bench.locks import unique_tmp   # unique (concurrent runs may write at once), with the writer's pid
-                tmp = unique_tmp(folder / "model.safetensors")   # so that the next run removes it if the writer died
+                from bench.atomic import temp_path   # unique (concurrent runs may write at once), with the writer's pid
+                tmp = temp_path(folder / "model.safetensors")   # so that the next run removes it if the writer died
                 save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
                 write_json_atomic(folder / "training.json", {"key": key, "stats": stats})
                 tmp.replace(folder / "model.safetensors")

@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -28,7 +27,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from bench.atomic import atomic_write
+from bench.atomic import atomic_write, temp_path
 
 from bench.errors import ManifestError
 
@@ -270,7 +269,7 @@ def save_manifest(directory, model: nn.Module, arch: str, config: dict, structur
     directory.mkdir(parents=True, exist_ok=True)
     keep = _check_keep(structure, keep)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp_w = directory / f".model.safetensors.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"   # unique: writers may race
+    tmp_w = temp_path(directory / "model.safetensors")   # unique: writers may race
     save_file(state, str(tmp_w))
     manifest = {
         "format": MANIFEST_FORMAT,

@@ -252,7 +252,7 @@ def test_all_error_run_leaves_no_stale_csv_and_the_temp_file_of_a_killed_writer_
     writer.send_signal(signal.SIGKILL)
     writer.wait()
     [left] = list(records.glob("*.tmp"))
-    assert f".{writer.pid}." in left.name
+    assert f"-{writer.pid}." in left.name
     live = records / f".other.json.{os.getpid()}.0123abcd.tmp"   # a concurrent run still writing: kept
     live.write_bytes(b"in progress")
     old = time.time() - 120   # the grace that keeps a writer on another node of a shared file system safe
@@ -268,6 +268,34 @@ def test_all_error_run_leaves_no_stale_csv_and_the_temp_file_of_a_killed_writer_
     rows = list(csv.DictReader((table / csvs[0]).open()))
     assert rows and {row["status"] for row in rows} == {"error"}
     assert not left.exists() and live.exists() and not target.exists()
+
+
+def test_clean_temp_files_removes_what_a_dead_writer_on_this_host_left_at_once(tmp_path):
+    """The kill -9 + resume case: a temp file written seconds ago by a pid of this host that is now dead is
+    removed; one of a live pid, a fresh one from another host and a fresh one without host tag are kept (their
+    pid means nothing here); an old one from anywhere is removed."""
+    from bench.atomic import host_tag, temp_path
+    from bench.outputs import STALE_AGE_S, STALE_PID_GRACE_S, clean_temp_files
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    here, other = host_tag(), "0" * 8 if host_tag() != "0" * 8 else "1" * 8
+    now = time.time()
+    files = {
+        "dead_here": (f".a.csv.{here}-{dead.pid}.0123abcd.tmp", now, True),
+        "live_here": (temp_path(tmp_path / "b.csv").name, now, False),
+        "dead_other_fresh": (f".c.csv.{other}-{dead.pid}.0123abcd.tmp", now, False),
+        "dead_other_old": (f".d.csv.{other}-{dead.pid}.0123abcd.tmp", now - STALE_AGE_S - 10, True),
+        "untagged_fresh": (f".e.csv.{dead.pid}.0123abcd.tmp", now, False),
+        "untagged_past_grace": (f".f.csv.{dead.pid}.0123abcd.tmp", now - STALE_PID_GRACE_S - 10, True),
+        "not_ours": (".g.csv.tmp", now, False),
+    }
+    (tmp_path / "sub").mkdir()
+    for name, mtime, _ in files.values():
+        path = tmp_path / "sub" / name
+        path.write_bytes(b"half")
+        os.utime(path, (mtime, mtime))
+    removed = {p.name for p in clean_temp_files([tmp_path], run_start=now + 1)}
+    assert removed == {name for name, _, gone in files.values() if gone}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,10 +1,16 @@
-"""The three adapter interfaces. Later families (BLIP, CLIP, BERT/LLaMA, Segmenter) implement the same ones.
+"""The declared contracts between the three kinds of plugin. Every member the harness or a method uses is
+declared here, with what it must do; a new family, task or method implements these and nothing else.
 
-- ModelAdapter  (models/<family>.py): builds an architecture and describes its prunable structure.
-                The only code that knows module names.
-- TaskAdapter   (tasks/<task>.py): data layout, micro generator, loss, metrics, dummy inputs.
-- Method        (methods/<name>.py): takes a model, its structure, a task and a target ratio; returns
-                keep-masks per unit group, training the model as its paper says.
+- ModelAdapter  (models/<family>.py): builds an architecture, describes its prunable structure (`structure`),
+                its shape (`geometry` -> Geometry), and the one mask mechanism (attach / set / clear / fold
+                activation masks on the structure's groups). The only code that knows module names and
+                config attributes.
+- TaskAdapter   (tasks/<task>.py): data layout, micro generator, batches, loss, metrics, the model's inputs
+                (`dummy_inputs`, `flops_forwards`, `sequence_length`, `token_shape`) and, for methods that
+                read model outputs (distillation), `forward` -> ModelOutput. The only code that opens a batch.
+- Method        (methods/<name>.py): takes a CellContext (model, adapter, structure, task, target ratio) and
+                returns a PruneResult (keep-masks per unit group, the structure they refer to, extraction
+                options, what to record, whether the runner finetunes), training the model as its paper says.
 """
 from __future__ import annotations
 
@@ -29,6 +35,24 @@ def model_no_weight_decay(model: nn.Module) -> set[str]:
     return set(fn()) if callable(fn) else set()
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """A Transformer's shape as methods need it: read from the adapter (`ModelAdapter.geometry`), never from a
+    model's config attributes."""
+    width: int         # the residual stream's hidden size
+    heads: int         # attention heads per layer
+    head_dim: int      # width of one head (heads * head_dim may differ from width: LLaMA's GQA keeps it equal)
+    layers: int        # Transformer blocks
+
+
+@dataclass
+class ModelOutput:
+    """What `TaskAdapter.forward` gives a method: the prediction logits and, when asked for, the hidden states
+    of every layer (a tuple of (B, T, width) tensors, embeddings first)."""
+    logits: torch.Tensor
+    hidden_states: tuple | None = None
+
+
 class ModelAdapter:
     """One model family. `ARCHS` maps architecture names to config dicts (timm-style `arch` names)."""
 
@@ -40,6 +64,10 @@ class ModelAdapter:
     VERSION: int = 1
     """The adapter's code version, part of every cell's record hash: its author bumps it when a change alters
     results (the architecture, the structure, checkpoint loading), so that no record of the old code is reused."""
+    DEFAULT_ATTENTION_SCALE: str = "fixed"
+    """How attention is scaled once head_dim is pruned, when a method does not say: "fixed" (1/sqrt(original
+    head_dim), the timm/ViT code), "sliced" (1/sqrt(kept head_dim), UPop's BERT/CLIP code) or "official" (BLIP:
+    vision fixed, text sliced). Read by `fix_modules` through the extract options."""
 
     def __init__(self, arch: str, config: dict):
         self.arch = arch
@@ -52,6 +80,10 @@ class ModelAdapter:
     def structure(self, model: nn.Module, kinds=None) -> Structure:
         """Unit groups of `model` (all kinds, or only `kinds`), with exact params per unit."""
         raise NotImplementedError
+
+    def geometry(self, model: nn.Module) -> Geometry:
+        """Width, heads, head size and depth of `model` (its language/text tower for multi-tower families)."""
+        raise NotImplementedError(f"model family {self.family or type(self).__name__} does not declare its geometry")
 
     def fix_modules(self, model: nn.Module, structure: Structure, keep: dict, options: dict) -> None:
         """After generic slicing: fix head counts/dims, remove dropped sublayers, etc."""
@@ -112,6 +144,15 @@ class ModelAdapter:
             if g.name in masks:
                 setattr(model.get_submodule(g.module), self.MASK_ATTRS[g.kind], masks[g.name])
 
+    def clear_unit_masks(self, model: nn.Module) -> None:
+        """Remove every activation mask: the forward is the plain model's again."""
+        raise NotImplementedError(f"{self.family} cannot clear activation masks")
+
+    def fold_unit_masks(self, model: nn.Module, structure: Structure, values: dict) -> None:
+        """Multiply the kept units' mask values ({group name: tensor}) into the neighbouring weights, so that
+        the plain model computes what the masked one did (VTrans's final step)."""
+        raise NotImplementedError(f"{self.family} cannot fold activation masks into its weights")
+
 
 class TaskAdapter:
     """One task. Subclasses set `name`, `metrics` ({name: higher_is_better}) and implement the methods."""
@@ -120,7 +161,10 @@ class TaskAdapter:
     metrics: dict = {}
     layout: str = ""   # the on-disk layout, shown in errors and the README
     Data: type[OptionsModel] = NoOptions   # the keys of a profile's `data:` block for this task
-    RECIPE_KEYS: frozenset = frozenset()    # data-side recipe keys (bench.recipe.TASK_RECIPE_KEYS) it implements
+    RECIPE_KEYS: frozenset = frozenset()    # data-side recipe keys (bench.recipe.DATA_RECIPE_KEYS) it implements
+    model_config_overrides: dict = {}
+    """Architecture config keys the task fixes (e.g. a micro vocabulary size, a number of labels), merged over
+    the architecture's config before the model is built."""
     VERSION: int = 1
     """The task's code version (its data reading, micro generator, loss and metrics), part of every cell's record
     hash: its author bumps it when a change alters results, so that no record of the old code is reused."""
@@ -152,9 +196,31 @@ class TaskAdapter:
         mixup/cutmix; `bench.training.train` always passes it as a keyword."""
         raise NotImplementedError
 
+    def steps_per_epoch(self, batch_size: int) -> int:
+        """Optimizer steps of one pass over the training split at `batch_size` (epoch-based recipes, schedules)."""
+        raise NotImplementedError
+
     def loss(self, model: nn.Module, batch, device, recipe=None) -> torch.Tensor:
         """Training loss of one batch; `recipe` as for train_batches (e.g. label smoothing)."""
         raise NotImplementedError
+
+    def forward(self, model: nn.Module, batch, device, output_hidden_states: bool = False) -> ModelOutput:
+        """The model on one batch, as a ModelOutput: what methods that read outputs (distillation) call instead
+        of opening the batch or the model's output type. Tasks those methods run on implement it."""
+        raise NotImplementedError(f"task {self.name} does not give model outputs to methods")
+
+    def loss_from_output(self, out: ModelOutput, batch, device) -> torch.Tensor:
+        """The task loss of a `forward` output (so a method adds its own terms to it)."""
+        raise NotImplementedError(f"task {self.name} does not compute its loss from a model output")
+
+    def token_shape(self, batch) -> tuple:
+        """(samples, tokens) of a batch's token input: the leading shape of per-token masks."""
+        raise NotImplementedError(f"task {self.name} has no token input")
+
+    def sequence_length(self) -> int:
+        """Tokens per sample in the FLOPs protocol (`dummy_inputs`' sequence length), for methods whose budget
+        is a FLOPs model."""
+        raise NotImplementedError(f"task {self.name} has no token sequence")
 
     def evaluate(self, model: nn.Module, split: str, device) -> dict:
         raise NotImplementedError
@@ -190,6 +256,16 @@ class RatioSpec:
 
 
 @dataclass
+class PruneResult:
+    """What `Method.prune` gives back (the runner reads nothing else from the method)."""
+    keep: dict                       # {group name: bool tensor}: the units to keep
+    structure: Structure             # the structure `keep` refers to (the kinds the method pruned)
+    extract_options: dict = field(default_factory=dict)   # passed to the adapter's fix_modules and the manifest
+    info: dict = field(default_factory=dict)              # what the method wants recorded (schedules, residuals)
+    finetune: bool | None = None     # does the runner finetune after extraction (None: the method's `finetune`)
+
+
+@dataclass
 class CellContext:
     """Everything a method may use. Methods call `train` for any training they do."""
 
@@ -204,8 +280,6 @@ class CellContext:
     seed: int
     train: Callable[..., dict]       # train(model, steps, lr, on_step=None, log_prefix="") -> stats
     log: Callable[[str], None] = print
-    info: dict = field(default_factory=dict)   # what the method wants recorded (schedules, residuals...)
-    extract_options: dict = field(default_factory=dict)   # passed to the adapter's fix_modules and the manifest
 
 
 class Method:
@@ -230,8 +304,8 @@ class Method:
         what `budget: matched` evens out. 0 for one-shot methods."""
         return 0.0
 
-    def prune(self, ctx: CellContext) -> dict:
-        """Return keep-masks {group name: bool tensor}. May train ctx.model in place."""
+    def prune(self, ctx: CellContext) -> PruneResult:
+        """Choose the units to keep (a PruneResult). May train ctx.model in place, through ctx.train."""
         raise NotImplementedError
 
     def typed_blocks(self, ctx: CellContext) -> tuple:

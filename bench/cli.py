@@ -45,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint-every-minutes", type=float, default=0.0, metavar="M",
                    help="the same every M minutes (default 0: off); both may be given")
     s.add_argument("--quiet", action="store_true", help="no progress lines while a training phase runs")
+    s.add_argument("--micro-batch", default=None, metavar="N|auto",
+                   help="samples per forward/backward in every training phase (overrides the cards' "
+                        "micro_batch_size; auto: the largest that fits the GPU); the effective batch, steps and "
+                        "schedule stay the card's (not part of any config hash; recorded per phase)")
     s.add_argument("--force", action="store_true",
                    help="run the selected cells again even where a finished record exists (it is replaced)")
     g = s.add_argument_group("many cells: workers and launchers (README: \"Many cells\")")
@@ -256,6 +260,7 @@ def cmd_run(args):
 
     import time as _time
     run_start = _time.time()
+    args.micro_batch = parse_micro_batch(args.micro_batch)
     card = load_checked_card(args.table)
     prof = card.profile(args.profile)
     source = prof.source(args.profile)
@@ -310,6 +315,8 @@ def cmd_run(args):
         pargs += ["--bench-checkpoint-every-minutes", str(args.checkpoint_every_minutes)]
     if args.quiet:
         pargs.append("--bench-quiet")
+    if args.micro_batch is not None:
+        pargs += ["--bench-micro-batch", str(args.micro_batch)]
     if args.force:
         pargs.append("--bench-force")
     from bench.workers import default_workers
@@ -320,6 +327,19 @@ def cmd_run(args):
         if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
             pargs += ["-p", "xdist.plugin"]
     return int(pytest.main(pargs, plugins=[pytest_plugin]))
+
+
+def parse_micro_batch(value):
+    """--micro-batch: None, "auto" or a whole number >= 1 (one clear line otherwise)."""
+    if value is None or value == "auto":
+        return value
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise BenchError(f"--micro-batch {value!r}: give a whole number >= 1 (samples per forward/backward) or auto")
+    return n
 
 
 SLURM_ONLY = ("partition", "account", "qos", "mem", "cpus_per_gpu", "slurm_arg")
@@ -376,7 +396,8 @@ def _run_jobs(args, card, cells, paths) -> int:
         qos=args.qos, mem_gb=args.mem, cpus_per_gpu=args.cpus_per_gpu, max_parallel=args.workers,
         max_timeouts=args.max_timeouts, slurm_args=launch.parse_slurm_args(args.slurm_arg))
     train_options = {"checkpoint_every_steps": args.checkpoint_every_steps,
-                     "checkpoint_every_minutes": args.checkpoint_every_minutes, "quiet": args.quiet}
+                     "checkpoint_every_minutes": args.checkpoint_every_minutes, "quiet": args.quiet,
+                     "micro_batch": args.micro_batch}
     if args.launcher == "slurm" and not (args.checkpoint_every_steps or args.checkpoint_every_minutes):
         train_options["checkpoint_every_minutes"] = 10.0   # a pre-empted job loses at most ~10 minutes
         print("training-state checkpoints every 10 minutes (a requeued job resumes from the last one); "

@@ -180,6 +180,54 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return _reduce(tensor, mean=True)
 
 
+def _pad_to_max_width(tensor: torch.Tensor, pad_value) -> torch.Tensor:
+    """Pad dim 1 to the widest of the ranks (token ids / masks padded to each rank's own longest text)."""
+    width = int(all_reduce_max(torch.tensor([tensor.shape[1]], dtype=torch.int64)).item())
+    if width == tensor.shape[1]:
+        return tensor
+    pad = tensor.new_full((tensor.shape[0], width - tensor.shape[1], *tensor.shape[2:]), pad_value)
+    return torch.cat([tensor, pad], dim=1)
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """The elementwise max over the ranks (the input itself in one process)."""
+    d = _dist()
+    if d is None or d.get_world_size() == 1:
+        return tensor
+    t = tensor.detach().to(_comm_device()).clone()
+    d.all_reduce(t, op=d.ReduceOp.MAX)
+    return t.to(tensor.device)
+
+
+def gather_cat(tensor: torch.Tensor, pad_value=None) -> torch.Tensor:
+    """The ranks' tensors concatenated along dim 0, rank 0's first, without gradient (BLIP's
+    `concat_all_gather`); `pad_value`: first pad dim 1 to the widest rank. The input itself in one process.
+    Every rank must pass the same number of rows (per_rank_batch makes the micro-batches equal)."""
+    d = _dist()
+    if d is None or d.get_world_size() == 1:
+        return tensor
+    t = tensor.detach()
+    if pad_value is not None:
+        t = _pad_to_max_width(t, pad_value)
+    dev = _comm_device()
+    t = t.to(dev).contiguous()
+    parts = [torch.empty_like(t) for _ in range(d.get_world_size())]
+    d.all_gather(parts, t)
+    return torch.cat(parts, dim=0).to(tensor.device)
+
+
+def gather_cat_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """As gather_cat, but the gradient flows back to each rank's own rows (BLIP's `all_gather_with_grad`:
+    the backward sums the ranks' gradients of a row on the rank that owns it)."""
+    d = _dist()
+    if d is None or d.get_world_size() == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+    dev = _comm_device()
+    parts = all_gather(tensor.to(dev).contiguous())
+    return torch.cat(parts, dim=0).to(tensor.device)
+
+
 def agree(flag: bool) -> bool:
     """Rank 0's answer on every rank (e.g. "a checkpoint is due now": a clock differs between ranks)."""
     if world_size() == 1:

@@ -22,13 +22,14 @@ def _table(title: str, model) -> list:
 
 
 def card_keys_markdown(with_plugins: bool) -> str:
-    from bench.recipe import TrainRecipe
+    from bench.recipe import BlipRandAugment, TrainRecipe
     from bench.schema import Card, FlopsProtocol, Metric, Profile, Ratio, References, Relation, Throughput
 
     parts = []
     for title, model in (("card (top level)", Card), ("ratios[]", Ratio), ("metrics[]", Metric),
                          ("protocol.flops", FlopsProtocol), ("protocol.throughput", Throughput),
                          ("profiles.<name>", Profile), ("profiles.<name>.dense / .finetune: the training recipe", TrainRecipe),
+                         ("profiles.<name>.dense / .finetune.randaugment: BLIP's RandomAugment", BlipRandAugment),
                          ("references", References), ("relations[]", Relation)):
         parts += _table(title, model)
     if with_plugins:

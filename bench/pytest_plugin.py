@@ -50,6 +50,7 @@ def pytest_addoption(parser):
     g.addoption("--bench-checkpoint-every-minutes", type=float, default=0.0,
                 help="training-state checkpoint every M minutes of each training phase (0: off)")
     g.addoption("--bench-quiet", action="store_true", help="no progress lines while a training phase runs")
+    g.addoption("--bench-micro-batch", default=None, help="micro-batch of every training phase (N or auto)")
     g.addoption("--bench-force", action="store_true", help="run the selected cells again, even those with a record")
 
 
@@ -149,7 +150,8 @@ def _session(config):
         config._bench_session = Session(config._bench_paths, log=log,
                                         checkpoint_every_steps=config.getoption("--bench-checkpoint-every-steps"),
                                         checkpoint_every_minutes=config.getoption("--bench-checkpoint-every-minutes"),
-                                        quiet=config.getoption("--bench-quiet"))
+                                        quiet=config.getoption("--bench-quiet"),
+                                        micro_batch=_micro_batch(config.getoption("--bench-micro-batch")))
     return config._bench_session
 
 
@@ -332,3 +334,7 @@ def pytest_unconfigure(config):
     if getattr(config, "_bench_dist_here", False):
         from bench import distributed as dist
         dist.cleanup()
+
+
+def _micro_batch(value):
+    return None if value is None else ("auto" if value == "auto" else int(value))

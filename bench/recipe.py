@@ -6,17 +6,32 @@ that the cell's task or model cannot honour is refused when the card is validate
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from bench.options import Fraction, NonNegFloat, NonNegInt, OptionsModel, PositiveFloat, PositiveInt
 
-# recipe keys that the task must implement (data side) or the model adapter (model side); the rest are the loop's
+# recipe keys that the task must implement (data side) or the model adapter (model side); the rest are the loop's.
+# TASK_RECIPE_KEYS: the timm-style data-side keys (tasks.imagenet implements every one of them);
+# BLIP_RECIPE_KEYS: BLIP's own training transform (tasks.common.blip_augment; the BLIP tasks implement it);
+# DATA_RECIPE_KEYS: every data-side key, what the card check and the training loop refuse for a task not listing it.
 TASK_RECIPE_KEYS = ("label_smoothing", "mixup", "cutmix", "cutmix_minmax", "mixup_prob", "mixup_switch_prob",
                     "mixup_mode", "auto_augment", "color_jitter", "crop_scale", "hflip", "reprob", "remode",
                     "recount")
+BLIP_RECIPE_KEYS = ("randaugment",)
+DATA_RECIPE_KEYS = TASK_RECIPE_KEYS + BLIP_RECIPE_KEYS
 MODEL_RECIPE_KEYS = ("drop_path",)
+
+
+class BlipRandAugment(OptionsModel):
+    """The recipe's `randaugment` block: BLIP's RandomAugment(N, M) (transform/randaugment.py of BLIP and UPop)."""
+
+    n: PositiveInt = Field(2, description="ops drawn per image, uniformly with replacement from BLIP's 10 "
+                                          "(official N = 2, BLIP data/__init__.py transform_train)")
+    m: Annotated[float, Field(ge=0, le=10)] = Field(
+        5, description="magnitude level 0-10 of every op (official M = 5: shear 0.15, translate 5 px, rotate 15 "
+                       "degrees, brightness/sharpness factor 1.0)")
 
 
 class TrainRecipe(OptionsModel):
@@ -26,10 +41,12 @@ class TrainRecipe(OptionsModel):
     epochs: NonNegFloat = Field(description="passes over the training split (0: no training; fractions allowed)")
     lr: PositiveFloat = Field(description="peak learning rate (a number: write 1.0e-3, not 1e-3, which YAML reads as text)")
     batch_size: PositiveInt = Field(description="samples per optimizer step (the effective batch)")
-    micro_batch_size: PositiveInt | None = Field(
+    micro_batch_size: PositiveInt | Literal["auto"] | None = Field(
         None, description="samples per forward/backward; batch_size / micro_batch_size micro-batches are accumulated "
                           "into each optimizer step, so steps and schedule stay the card's (none: = batch_size, no "
-                          "accumulation; must divide batch_size)")
+                          "accumulation; must divide batch_size). auto: on CUDA the largest divisor of the per-rank "
+                          "batch whose training step fits the GPU (probed at the start, bench.training."
+                          "auto_micro_batch); on CPU the per-rank batch")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 autocast on CUDA (fp32 where the GPU has no bf16), fp32 on CPU; bf16: "
                             "torch.autocast bfloat16 (CPU too); fp16: autocast float16 with a GradScaler (CUDA only); "
@@ -66,6 +83,12 @@ class TrainRecipe(OptionsModel):
     color_jitter: NonNegFloat | None = Field(None, description="colour jitter strength (none: off)")
     crop_scale: list[float] | None = Field(None, min_length=2, max_length=2, description="random-resized-crop area range (none: the task's default)")
     hflip: Fraction | None = Field(None, description="horizontal flip probability (none: the task's default)")
+    randaugment: BlipRandAugment | None = Field(
+        None, description="BLIP's RandomAugment in the training transform, after the crop and flip (BLIP/UPop "
+                          "data/__init__.py transform_train: {n: 2, m: 5}): n ops from Identity, AutoContrast, "
+                          "Brightness, Sharpness, Equalize, ShearX/Y, TranslateX/Y, Rotate, each applied with "
+                          "probability 0.5 at level m (tasks.common.blip_augment; the BLIP tasks nlvr2, vqa, "
+                          "caption_coco, retrieval_coco/flickr implement it; none: off)")
     reprob: Fraction = Field(0.0, description="random erasing probability (timm.data.RandomErasing)")
     remode: Literal["pixel", "const", "rand"] = Field("pixel", description="random erasing fill")
     recount: PositiveInt = Field(1, description="random erasing count")
@@ -94,10 +117,21 @@ class TrainRecipe(OptionsModel):
             raise ValueError("label_smoothing must be below 1")
         if self.selection == "final" and (self.selection_split is not None or self.selection_metric is not None):
             raise ValueError("selection_split / selection_metric are for selection: paper (selection is final)")
-        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+        if isinstance(self.micro_batch_size, int) and self.batch_size % self.micro_batch_size:
             raise ValueError(f"micro_batch_size {self.micro_batch_size} does not divide batch_size {self.batch_size} "
                              f"(batch_size is the effective batch: give a micro_batch_size that divides it)")
         return self
+
+    # keys added after cells were recorded: left out of to_dict() (what a cell's config and hash hold) while at
+    # their default, so the cells of every card that does not set them keep their hash (and cached records)
+    HASH_STABLE_KEYS: ClassVar[tuple] = ("randaugment",)
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        for k in self.HASH_STABLE_KEYS:
+            if getattr(self, k) == type(self).model_fields[k].get_default(call_default_factory=True):
+                d.pop(k, None)
+        return d
 
     def changed_keys(self) -> set:
         """The keys set to something other than their default (what a task or model must honour)."""

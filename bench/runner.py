@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import functools
-import math
 import time
 import traceback
 import uuid
@@ -18,12 +17,13 @@ from pathlib import Path
 import torch
 
 from bench import measure
-from bench.api import CellContext, RatioSpec
-from bench.cards import DENSE_RATIO, REFERENCE_ROW_KEYS, load_card, load_checked_card, parse_card, within  # noqa: F401
+from bench.api import CellContext, PruneResult, RatioSpec
+from bench.cards import DENSE_RATIO, card_dict, load_checked_card, parse_card
 from bench.options import parse_block
 from bench.recipe import TrainRecipe
 from bench.config import Paths
 from bench.errors import BenchError, CellFailure, UnknownName
+from bench.judge import apply_relations, judge_cell, judge_reference  # noqa: F401  (judge_reference: re-exported)
 from bench.records import RECORD_VERSION, cell_dir, config_hash, load_records, read_record, record_path, write_record
 from bench.registry import METHODS, MODELS, TASKS
 from bench.structure import extract, kept_param_count, retention, save_manifest, write_json_atomic
@@ -238,7 +238,7 @@ class Session:
     """Shared state of one run: paths, the loaded tasks and dense models (cached on disk by hash)."""
 
     def __init__(self, paths: Paths, log=print, checkpoint_every_steps: int = 0, checkpoint_every_minutes: float = 0.0,
-                 quiet: bool = False):
+                 quiet: bool = False, micro_batch: int | str | None = None):
         from bench import distributed as dist
         self.paths = paths
         self.log = log if dist.is_main() else (lambda msg: None)   # data parallel: rank 0 logs
@@ -246,7 +246,8 @@ class Session:
         # training-state checkpoints inside a phase (bench.train_state) and progress lines (bench.progress):
         # how the run is carried out, not what it computes, so they are not in any config hash
         self.train_options = {"state_every_steps": checkpoint_every_steps,
-                              "state_every_minutes": checkpoint_every_minutes, "quiet": quiet}
+                              "state_every_minutes": checkpoint_every_minutes, "quiet": quiet,
+                              "micro_batch": micro_batch}
 
     def task(self, cfg):
         key = (cfg["task"], cfg["profile"], config_hash(cfg["data"]))
@@ -511,27 +512,31 @@ def _run_cell(cfg, session: Session, record: dict):
                       train=method_train, log=session.log)
     method = method_cls()
     t = time.perf_counter()
-    keep = method.prune(ctx)
+    result = method.prune(ctx)
+    if not isinstance(result, PruneResult):
+        raise CellFailure(f"method {cfg['method']} returned a {type(result).__name__}, not a bench.api.PruneResult "
+                          f"(keep-masks, structure, extract options, info): fix methods/{cfg['method']}.py")
+    keep, structure = result.keep, result.structure
+    info = dict(result.info)
     record["timings"]["prune_s"] = round(time.perf_counter() - t, 3)
     from bench import distributed as dist
     if dist.is_distributed():   # every rank must extract the same subnet: a CellFailure names the groups otherwise
         check = dist.check_identical(keep, "keep-masks")
-        ctx.info["data_parallel"] = {"world_size": check["world_size"], "backend": dist.backend(),
-                                     "keep_masks_identical": True, "keep_masks_hash": check["hash"]}
+        info["data_parallel"] = {"world_size": check["world_size"], "backend": dist.backend(),
+                                 "keep_masks_identical": True, "keep_masks_hash": check["hash"]}
         session.log(f"keep-masks checked identical on all {check['world_size']} ranks (hash {check['hash']})")
-    structure = ctx.structure
     counts = kept_param_count(model, structure, keep)
 
     # extract -> smaller model, saved as a manifest
-    extract(model, adapter, structure, keep, ctx.extract_options)
+    extract(model, adapter, structure, keep, result.extract_options)
     record["retention"] = retention(structure, keep)
     if cfg["method"] != "dense" and dist.is_main():
         from bench.report import retention_heatmap
         retention_heatmap(record, cell_dir(session.paths.output, cfg["table"], cfg["hash"]) / "retention.png")
-    record["method_info"] = ctx.info
+    record["method_info"] = info
 
     # finetune as the card says
-    if method.finetune and cfg["finetune"]:
+    if (method.finetune if result.finetune is None else result.finetune) and cfg["finetune"]:
         t = time.perf_counter()
         if "finetune" not in cfg.get("seed_varies", ["finetune"]):   # the same finetune randomness for every seed
             torch.manual_seed(seed_for(cfg, "finetune", 1000))
@@ -549,7 +554,7 @@ def _run_cell(cfg, session: Session, record: dict):
     if not dist.is_main():   # data parallel: rank 0 alone saves, evaluates (the whole split) and measures
         return
     save_manifest(cell_dir(session.paths.output, cfg["table"], cfg["hash"]), model, cfg["model"],
-                  cfg["model_config"], structure, keep, ctx.extract_options,
+                  cfg["model_config"], structure, keep, result.extract_options,
                   extra={"table": cfg["table"], "cell": cfg["cell_id"]})
 
     # evaluate on the card's splits (final model; with finetune.selection paper the selected epoch's, labelled)
@@ -587,7 +592,7 @@ def _run_cell(cfg, session: Session, record: dict):
     record["memory"] = measure.peak_memory(model, task.dummy_inputs(cfg["model_config"], tp["batch_size"], device),
                                            str(device))
     record["timings"]["measure_s"] = round(time.perf_counter() - t, 3)
-    _judge(cfg, record, structure, counts)
+    judge_cell(cfg, record, structure, load_checked_card(cfg["table"]))
 
 
 def _count_protocols(model, forwards: dict) -> dict:
@@ -620,61 +625,6 @@ def paired_throughput(model, dense, make_inputs, device: str, tp: dict) -> dict:
     return out
 
 
-def _judge(cfg, record, structure, counts):
-    """Status: invariants first (finite metrics, ratio reached within one unit), then the reference."""
-    problems = []
-    for k, v in record["metrics"].items():
-        if v is None or not math.isfinite(v):
-            problems.append(f"metric {k} is {v}")
-    rc = (record.get("method_info") or {}).get("ratio_check")
-    if rc:   # the method's ratio is not a fraction of params (e.g. UPop's official 36-per-attention-unit weights)
-        if abs(rc["achieved"] - rc["target"]) > rc["tolerance"]:
-            problems.append(f"removed {rc['achieved']:.6g} {rc['unit']}, target {rc['target']:.6g} "
-                            f"(off by more than {rc['tolerance']:.6g})")
-    elif cfg["method"] != "dense":
-        one_unit = max((g.params_per_unit for g in structure), default=0) * max(1, len(structure.kinds()))
-        gap = abs(record["params"]["removed"] - record["params"]["target_removed"])
-        if gap > one_unit:
-            problems.append(f"removed {record['params']['removed']} params, target {record['params']['target_removed']} "
-                            f"(off by {gap} > one unit per kind = {one_unit})")
-    record["problems"] = problems   # kept, so that a reused record can be judged again (judge_reference)
-    judge_reference(record, load_checked_card(cfg["table"]))
-
-
-def judge_reference(record: dict, card) -> bool:
-    """Set the record's reference checks and status from its invariant problems (`record["problems"]`) and the
-    card's current references and tolerances; a reused record is judged again this way, so an edited reference
-    or tolerance applies to it. An error record is left alone. Returns whether the status or the checks changed."""
-    if record.get("status") == "error" or record.get("params") is None or record.get("flops") is None:
-        return False
-    cfg = record["config"]
-    before = (record.get("status"), record.get("reason"), record.get("reference"))
-    problems = list(record.get("problems") or [])
-    ref = card.reference_row(cfg["method"], cfg["ratio"]["label"], cfg["profile"], cfg.get("part"))
-    checks = []
-    record["reference"] = None
-    if ref:
-        tol = card.references.tolerance
-        got = {**record["metrics"], "params_m": record["params"]["total"] / 1e6,
-               "gflops": record["flops"]["macs"] / 1e9}
-        for k, paper in ref.items():
-            if k in REFERENCE_ROW_KEYS:
-                continue
-            ok = within(got[k], paper, tol[k])
-            checks.append({"name": k, "value": got[k], "paper": paper, "tolerance": tol[k], "ok": ok})
-        record["reference"] = {"values": {k: v for k, v in ref.items() if k not in REFERENCE_ROW_KEYS},
-                               "source": ref.get("source") or card.references.source,
-                               "tolerance": tol, "checks": checks}
-    bad = [c for c in checks if not c["ok"]]
-    if problems or bad:
-        record["status"] = "fail"
-        record["reason"] = "; ".join(problems + [f"{c['name']} {c['value']:.4g} vs paper {c['paper']} (tol {c['tolerance']})"
-                                                 for c in bad])
-    else:
-        record["status"], record["reason"] = ("pass" if checks else "no_ref"), None
-    return (record["status"], record["reason"], record["reference"]) != before
-
-
 def current_records(card, output: Path, profile: str) -> tuple[list, list]:
     """(current, stale) records of a card under `profile`. Current: the record of a cell the card asks for now
     (its hash is the hash of the cell's config resolved from the current card and code, for any ratio, seed and
@@ -705,6 +655,7 @@ def current_records(card, output: Path, profile: str) -> tuple[list, list]:
         else:
             now = by_cell.get((cfg.get("part"), r.get("method"), r.get("ratio_label"), r.get("seed"), cfg.get("device")))
             stale.append((r, _differences(cfg, now) if now else "no such cell in the current card"))
+    apply_relations(card_dict(card), current)   # a failing `checked` relation fails its cells
     return current, stale
 
 

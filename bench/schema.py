@@ -22,7 +22,7 @@ from typing import Literal
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from bench.options import NonNegInt, OpenFraction, OptionsModel, PositiveInt, block_errors
-from bench.recipe import MODEL_RECIPE_KEYS, TASK_RECIPE_KEYS, TrainRecipe
+from bench.recipe import DATA_RECIPE_KEYS, MODEL_RECIPE_KEYS, TrainRecipe
 
 DENSE_RATIO_LABEL = "1x"
 EXTRA_REFERENCE_KEYS = ("params_m", "gflops")    # reference columns that are not task metrics
@@ -189,6 +189,8 @@ class Relation(OptionsModel):
     tolerance: Number | None = Field(None, description="how far off still counts as holding")
     meaning: str | None = Field(None, description="what the statement means, in words")
     measure: str | None = Field(None, description="speedup: what is timed")
+    checked: bool = Field(False, description="a FAIL of this relation (on the reference profile) fails the cells "
+                                             "it is about; unchecked relations are only reported")
 
     @model_validator(mode="before")
     @classmethod
@@ -301,6 +303,22 @@ class Card(OptionsModel):
         return None
 
 
+def metric_direction_errors(mt: Metric, where: str) -> list:
+    """The card's metric against the declared metrics (metrics.METRICS): an unknown name, or a
+    higher_is_better the other way round (judging and plots would rank the methods backwards)."""
+    from metrics import METRICS
+    info = METRICS.get(mt.name)
+    if info is None:
+        from bench.errors import UnknownName
+        return [f"{where}.name: {UnknownName('metric', mt.name, METRICS)} Declare a new metric once with "
+                "metrics.register_metric(name, higher_is_better, description)"]
+    if mt.higher_is_better != info.higher_is_better:
+        return [f"{where}.higher_is_better: metric {mt.name!r} ({info.description}) is "
+                f"{'higher' if info.higher_is_better else 'lower'} is better: set higher_is_better: "
+                f"{'true' if info.higher_is_better else 'false'}"]
+    return []
+
+
 def check_against_registry(card: Card) -> list:
     """Problems that need the plugins, as sentences naming the card path of each."""
     from bench.errors import UnknownName
@@ -326,10 +344,13 @@ def check_against_registry(card: Card) -> list:
     for i, mt in enumerate(card.metrics):
         if mt.task is not None and mt.task not in tasks:
             errs.append(f"metrics[{i}].task: {mt.task!r} is not one of the card's tasks {tasks}")
+        n_errs = len(errs)
         for t in ([mt.task] if mt.task else known_tasks):
             if t in TASKS and mt.name not in TASKS.get(t).metrics:
                 errs.append(f"metrics[{i}].name: task {t} does not compute {mt.name!r} (it has "
                             f"{sorted(TASKS.get(t).metrics)}); give the metric a 'task:' key if only some tasks compute it")
+        if len(errs) == n_errs:     # a name no task computes is already reported
+            errs += metric_direction_errors(mt, f"metrics[{i}]")
     for t in tasks:
         of_t = [m for m in card.metrics if (m.task or t) == t]
         if of_t and sum(m.primary for m in of_t) != 1:
@@ -405,7 +426,7 @@ def check_against_registry(card: Card) -> list:
             for t in prof.tasks or known_tasks:
                 if t not in TASKS:
                     continue
-                missing = sorted(k for k in changed if k in TASK_RECIPE_KEYS and k not in TASKS.get(t).RECIPE_KEYS)
+                missing = sorted(k for k in changed if k in DATA_RECIPE_KEYS and k not in TASKS.get(t).RECIPE_KEYS)
                 if missing:
                     errs.append(f"{where}.{block_name}.{missing[0]}: task {t} does not implement "
                                 f"{', '.join(missing)} (it implements {sorted(TASKS.get(t).RECIPE_KEYS) or 'none'}); "

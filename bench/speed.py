@@ -1,6 +1,6 @@
 """Benchmark (not a test): measured throughput of a dense architecture vs its pruned extraction,
 printed next to the FLOPs ratio. Weights are random: speed depends only on the shapes, and the
-pruned shapes come from one-shot magnitude selection (SOMP's rule) at ratio p per unit kind. Dense
+pruned shapes come from the registered `somp` method (one-shot magnitude, per kind) at ratio p. Dense
 and pruned are timed in alternation, one trial each, so both see the same machine state."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import copy
 import torch
 
 from bench import measure
-from bench.registry import MODELS
+from bench.api import CellContext, RatioSpec
+from bench.registry import METHODS, MODELS
 from bench.runner import paired_throughput, resolve_device
 from bench.structure import extract, kept_param_count
-from methods.magnitude import select_units, unit_scores
 
 
 def speed_benchmark(arch: str, p: float, kinds, device="auto", batch_size=None, iters=None, trials=3):
@@ -24,8 +24,11 @@ def speed_benchmark(arch: str, p: float, kinds, device="auto", batch_size=None, 
     adapter.example_inputs(1, "meta")   # fails with one line for families that need a card's inputs
     torch.manual_seed(0)
     dense = adapter.build().eval()
-    st = adapter.structure(dense, kinds)
-    keep = select_units(st, unit_scores(dense, st), p, "per_type")
+    ctx = CellContext(model=dense, adapter=adapter, structure=adapter.structure(dense), task=None,
+                      ratio=RatioSpec(f"p={p}", p), options={"unit_kinds": list(kinds), "allocation": "per_type"},
+                      settings={}, device=torch.device("cpu"), seed=0, train=None)
+    result = METHODS.get("somp")().prune(ctx)
+    st, keep = result.structure, result.keep
     counts = kept_param_count(dense, st, keep)
     pruned = extract(copy.deepcopy(dense), adapter, st, keep)
 

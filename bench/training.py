@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from bench.errors import BenchError, CellFailure
-from bench.recipe import MODEL_RECIPE_KEYS, TASK_RECIPE_KEYS, TrainRecipe
+from bench.recipe import DATA_RECIPE_KEYS, MODEL_RECIPE_KEYS, TrainRecipe
 
 # The version of this training loop: part of every cell's record hash (bench.runner.code_version). Bump it
 # when a change here alters what a training phase computes, so that records trained by the old loop are not reused.
@@ -85,12 +85,70 @@ def as_recipe(recipe=None, **fields) -> TrainRecipe:
     raise TypeError(f"recipe must be a TrainRecipe, a dict or None, not {type(recipe).__name__}")
 
 
+# device types on which micro_batch_size: auto probes (on a CPU the host's memory is not a GPU's: the per-rank
+# batch is taken as it is); a test adds "cpu" to exercise the probe with a simulated out-of-memory error
+AUTO_PROBE_DEVICES = ("cuda",)
+OPTIMIZER_STATE_SLOTS = 2    # per parameter: AdamW's two moments (SGD with momentum needs one): reserved in the probe
+
+
+def auto_micro_batch(model, task, recipe, device, per_rank: int, autocast, params, seed: int) -> tuple[int, dict]:
+    """micro_batch_size: auto. The largest divisor of the per-rank batch whose training forward + backward fits
+    on the device, tried from the whole per-rank batch down through its divisors, one real training batch each
+    (drawn from a stream of its own, seeded apart from the training's), with OPTIMIZER_STATE_SLOTS copies of the
+    parameters held aside so that the optimizer's states, allocated at the first step, still fit. An out-of-
+    memory error (the strings timm's batch-size retry treats so, bench.measure) moves to the next divisor.
+    Afterwards the gradients are cleared and the model's buffers (BatchNorm statistics, BLIP's queues) and the
+    RNG states are put back, so the training that follows is the one the chosen micro-batch given by hand
+    would run. Returns (micro_batch_size, {"probed", "tried": [{micro_batch_size, fits}]})."""
+    from bench.measure.speed import _is_oom
+    dev = torch.device(device)
+    if dev.type not in AUTO_PROBE_DEVICES:
+        return per_rank, {"probed": False, "tried": [], "why": f"{dev.type}: the per-rank batch, no probe"}
+    from bench.train_state import rng_state, set_rng_state
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    outside = [t for _, t in _tensors_outside(model, params)]   # a search's masks: their gradient is its state
+    outside_grads = [None if t.grad is None else t.grad.detach().clone() for t in outside]
+    rng = rng_state()
+    tried = []
+    try:
+        for m in sorted((d for d in range(1, per_rank + 1) if per_rank % d == 0), reverse=True):
+            reserve = None
+            try:
+                reserve = [torch.empty_like(p) for p in params for _ in range(OPTIMIZER_STATE_SLOTS)]
+                batch = next(iter(task.train_batches(m, seed + 7919, recipe=recipe)))
+                with autocast():
+                    loss = task.loss(model, batch, device, recipe=recipe)
+                loss.backward()
+                tried.append({"micro_batch_size": m, "fits": True})
+                return m, {"probed": True, "tried": tried}
+            except Exception as e:   # noqa: BLE001  (only an out-of-memory error moves on)
+                if not _is_oom(e):
+                    raise
+                tried.append({"micro_batch_size": m, "fits": False})
+            finally:
+                del reserve
+                loss = batch = None
+                model.zero_grad(set_to_none=True)
+                for t, g in zip(outside, outside_grads):
+                    t.grad = None if g is None else g.clone()
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+        raise BenchError(f"training recipe: micro_batch_size auto: not even 1 sample per forward/backward fits on "
+                         f"{device}: use a larger GPU, more GPUs, or precision bf16")
+    finally:
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                if n in buffers:
+                    b.copy_(buffers[n])
+        set_rng_state(rng)
+
+
 def check_recipe(recipe: TrainRecipe, task, adapter=None) -> None:
     """Refuse a key set away from its default that the task (data side) or the model adapter (model side)
     does not implement: BenchError naming the key, the task or model and what it implements."""
     changed = recipe.changed_keys()
     task_keys = frozenset(getattr(task, "RECIPE_KEYS", ()) or ())
-    missing = sorted(k for k in changed if k in TASK_RECIPE_KEYS and k not in task_keys)
+    missing = sorted(k for k in changed if k in DATA_RECIPE_KEYS and k not in task_keys)
     if missing:
         name = getattr(task, "name", "") or type(task).__name__
         raise BenchError(f"training recipe: task {name} does not implement {', '.join(missing)} (it implements "
@@ -183,6 +241,7 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
           extra_loss: Callable[[], torch.Tensor] | None = None, adapter=None, phase: str = "train",
           state_dir=None, state_every_steps: int | None = None, state_every_minutes: float | None = None,
           state_hooks: tuple[Callable[[], object], Callable[[object], None]] | None = None, quiet: bool = False,
+          micro_batch: int | str | None = None,
           sync_tensors: Callable[[], list] | None = None, **recipe_fields) -> dict:
     """Train `model` on `task` as `recipe` says (or the recipe made of the keyword `recipe_fields`: epochs,
     lr, batch_size, ... as in a card's finetune block; an unknown key is a BenchError). `adapter` (the model's
@@ -225,16 +284,19 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
     from bench.progress import Progress
     from bench.train_state import TrainState, fingerprint, rng_state, set_rng_state
     recipe = as_recipe(recipe, **recipe_fields)
+    if micro_batch is not None:   # --micro-batch: how the run is carried out, the card's effective batch kept
+        recipe = recipe.model_copy(update={"micro_batch_size": micro_batch})
     check_recipe(recipe, task, adapter)
     precision = resolve_precision(recipe.precision, device)
     from bench import distributed as dist
     world, rank = dist.world_size(), dist.rank()
     main = rank == 0
-    micro = recipe.micro_batch_size or recipe.batch_size
+    auto = recipe.micro_batch_size == "auto"
+    micro = recipe.batch_size if auto else (recipe.micro_batch_size or recipe.batch_size)
     if recipe.batch_size % micro:      # a TrainRecipe refuses it already; a hand-made one too
         raise BenchError(f"training recipe: micro_batch_size {micro} does not divide batch_size {recipe.batch_size}")
     if world > 1:
-        if recipe.micro_batch_size is None:
+        if recipe.micro_batch_size is None or auto:
             micro = recipe.batch_size // world
         if micro < 1 or recipe.batch_size % (world * micro):
             fix = (f"set micro_batch_size to a divisor of {recipe.batch_size // world} (= batch_size / {world})"
@@ -266,6 +328,13 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
     autocast = (lambda: torch.autocast(dev_type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
     undo = _apply_drop_path(model, adapter, recipe.drop_path) if recipe.drop_path is not None else None
     model.to(device).train()
+    probe = None
+    if auto and total:   # the largest micro-batch that fits, the same on every rank; the accumulation follows
+        micro, probe = auto_micro_batch(model, task, recipe, device, micro, autocast, params, seed)
+        micro = -int(dist.all_reduce_max(torch.tensor([-micro])).item())
+        accum = recipe.batch_size // (micro * world)
+        if log is not None and probe["probed"]:
+            log(f"{phase}: micro_batch_size auto -> {micro} (tried {', '.join(str(t['micro_batch_size']) + (' fits' if t['fits'] else ' out of memory') for t in probe['tried'])}); {accum} accumulation step(s) per optimizer step")
     synced = []   # data parallel: the tensors whose gradients are averaged over the ranks after each step
     if world > 1:
         log = log if main else None
@@ -384,7 +453,8 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
              "seconds": seconds_before + time.perf_counter() - t0, "optimizer": recipe.optimizer,
              "lr_first": lrs[0] if lrs else None, "lr_last": lrs[-1] if lrs else None,
              "param_groups": stats_groups, "precision": precision, "micro_batch_size": micro,
-             "accumulation_steps": accum, "world_size": world, **resumed}
+             "accumulation_steps": accum, "world_size": world, **resumed,
+             **({"micro_batch_probe": probe} if probe is not None else {})}
     if recipe.clip_grad is not None:
         stats["clipped_steps"] = clipped
     if recipe.drop_path is not None:

@@ -1,5 +1,5 @@
 """The uncompressed model (the 1x row): an identity method that keeps every unit."""
-from bench.api import Method
+from bench.api import Method, PruneResult
 from bench.registry import register_method
 
 
@@ -11,4 +11,4 @@ class Dense(Method):
     description = "uncompressed model, no pruning and no extra training"
 
     def prune(self, ctx):
-        return ctx.structure.full_keep()
+        return PruneResult(ctx.structure.full_keep(), ctx.structure)

@@ -17,7 +17,7 @@ Stage 2 - ADMM soft pruning: task loss + rho/2 sum ||W - Z + U||_F^2 over every 
   group-norm FFN neurons (fc1 row + bias + fc2 column) zeroed, and, with attention columns on, the
   lowest group-norm head-dim columns of each block zeroed; U <- U + W - Z; rho <- min(gamma rho, rho_max).
   Z/U/rho update once per epoch (option `update_every`). The primal residual ||W - Z||_F / ||W||_F is
-  logged per update in ctx.info["admm"]. Weights are never hard-zeroed in this stage.
+  logged per update in the result's info["admm"]. Weights are never hard-zeroed in this stage.
 Stage 3 - hard pruning: keep-masks = the support of Z (with reselect: Pi_S of the final W); the runner
   extracts and finetunes (finetune = True).
 
@@ -66,7 +66,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from bench.api import Method
+from bench.api import Method, PruneResult
 from bench.errors import BenchError
 from bench.options import Fraction, NonNegFloat, OptionsModel, PositiveFloat, PositiveInt
 from bench.registry import register_method
@@ -308,7 +308,6 @@ class GOHSP(Method):
         if "head" not in kinds:
             raise BenchError("gohsp needs the 'head' unit kind (its graph ranks heads)")
         st = ctx.adapter.structure(ctx.model, kinds)
-        ctx.structure = st
         model = ctx.model.to(ctx.device)
         total_params = sum(p.numel() for p in model.parameters())
         plan = gohsp_plan(st, ctx.ratio.p, total_params, o.attn_split, o.ffn_budget)
@@ -384,7 +383,7 @@ class GOHSP(Method):
             final_keep, _ = project(st, {n: W[n].detach() for n in names}, head_keep, plan)
         else:
             final_keep = {k: v.clone() for k, v in keep.items()}
-        ctx.info.update({
+        return PruneResult(final_keep, st, info={
             "impl": "reimpl",
             "options": {"unit_kinds": st.kinds(), "similarity": sim_kind, "damping": float(o.damping),
                         "ranking": o.ranking, "head_budget": o.head_budget,
@@ -396,4 +395,3 @@ class GOHSP(Method):
                      "residual_below_stop": history[-1]["primal_residual_rel"] < stop,
                      "history": history, "train": stats},
         })
-        return final_keep

@@ -83,8 +83,5 @@ def select_for_method(ctx, structure: Structure, scores: dict, p: float, allocat
 
 
 def method_structure(ctx) -> Structure:
-    """The structure of the option `unit_kinds` (ctx.options: a MagnitudeOptions), also set as ctx.structure."""
-    kinds = list(ctx.options.unit_kinds)
-    st = ctx.adapter.structure(ctx.model, kinds)
-    ctx.structure = st
-    return st
+    """The structure of the option `unit_kinds` (ctx.options: a MagnitudeOptions)."""
+    return ctx.adapter.structure(ctx.model, list(ctx.options.unit_kinds))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.api import Method
+from bench.api import Method, PruneResult
 from bench.registry import register_method
 from methods.magnitude import BudgetOptions, method_structure, select_for_method
 
@@ -43,5 +43,5 @@ class RandomUnits(Method):
         st = method_structure(ctx)
         scores = random_scores(st, ctx.seed)
         keep = select_for_method(ctx, st, scores, ctx.ratio.p, o.allocation)
-        ctx.info["options"] = {"unit_kinds": st.kinds(), "allocation": o.allocation, "seed": int(ctx.seed)}
-        return keep
+        return PruneResult(keep, st, info={"options": {"unit_kinds": st.kinds(), "allocation": o.allocation,
+                                                       "seed": int(ctx.seed)}})

@@ -15,7 +15,7 @@ by which s_f is reached, default 0.5), prune_events (n, default 10).
 """
 from pydantic import Field
 
-from bench.api import Method
+from bench.api import Method, PruneResult
 from bench.errors import BenchError
 from bench.options import Fraction, NonNegFloat, OptionsModel, PositiveInt
 from bench.registry import register_method
@@ -79,6 +79,6 @@ class SGMP(Method):
         stats = ctx.train(ctx.model, recipe=ft, on_step=on_step)
         if cubic_sparsity(max(event_steps), t0, dt, n, 0.0, ctx.ratio.p) < ctx.ratio.p - 1e-9:
             prune_event(max(event_steps))
-        ctx.info.update({"schedule": {"t0": t0, "dt": dt, "n": n, "total_steps": total}, "events": history,
-                         "train": stats, "options": {"unit_kinds": st.kinds(), "allocation": allocation, "norm": norm}})
-        return keep
+        return PruneResult(keep, st, info={
+            "schedule": {"t0": t0, "dt": dt, "n": n, "total_steps": total}, "events": history, "train": stats,
+            "options": {"unit_kinds": st.kinds(), "allocation": allocation, "norm": norm}})

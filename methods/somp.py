@@ -14,7 +14,7 @@ Options (card `method_options.somp`), each a guess of the spec made explicit:
   head_budget, attn_split, ffn_budget : with allocation gohsp, GOHSP's budget options (methods/gohsp.py)
 (declared in methods.magnitude.MagnitudeOptions)
 """
-from bench.api import Method
+from bench.api import Method, PruneResult
 from bench.registry import register_method
 from methods._schedule import one_shot
 from methods.magnitude import MagnitudeOptions, method_structure, select_for_method, unit_scores
@@ -33,5 +33,5 @@ class SOMP(Method):
         st = method_structure(ctx)
         scores = unit_scores(ctx.model, st, o.norm)
         keep = select_for_method(ctx, st, scores, one_shot(ctx.ratio.p), o.allocation)
-        ctx.info["options"] = {"unit_kinds": st.kinds(), "allocation": o.allocation, "norm": o.norm}
-        return keep
+        return PruneResult(keep, st, info={"options": {"unit_kinds": st.kinds(), "allocation": o.allocation,
+                                                       "norm": o.norm}})

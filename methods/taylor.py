@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from bench.api import Method
+from bench.api import Method, PruneResult
 from bench.options import OptionsModel, PositiveInt
 from bench.registry import register_method
 from methods._importance import per_unit_sum
@@ -92,6 +92,6 @@ class Taylor(Method):
         bs = s.batch_size or (ft.batch_size if ft is not None else 32)
         scores = taylor_scores(ctx.model, st, ctx.task, ctx.device, s.calibration_batches, bs, ctx.seed, o.criterion)
         keep = select_for_method(ctx, st, scores, ctx.ratio.p, o.allocation)
-        ctx.info["options"] = {"unit_kinds": st.kinds(), "allocation": o.allocation, "criterion": o.criterion,
-                               "calibration_batches": s.calibration_batches, "batch_size": bs}
-        return keep
+        return PruneResult(keep, st, info={"options": {
+            "unit_kinds": st.kinds(), "allocation": o.allocation, "criterion": o.criterion,
+            "calibration_batches": s.calibration_batches, "batch_size": bs}})

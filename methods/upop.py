@@ -35,7 +35,8 @@ Options (card `method_options.upop`):
 Profile settings (card `profiles.<p>.upop`): search_epochs, lr (constant), batch_size, weight_decay,
 interval (a number, or a mapping from p to interval with a `default`), w_sp_attn, w_sp_mlp; all required but
 weight_decay (0.05), weight_decay_groups and drop_path (the recipe keys of the same names, for the search): the
-sparsity weights differ per table and a silent 0 would switch the L1 term off.
+sparsity weights differ per table and a silent 0 would switch the L1 term off. The search draws its batches
+with the finetune block's `randaugment` (BLIP's RandomAugment): the official search and retrain share one loader.
 Both blocks are declared below (UPopOptions, UPopSettings).
 
 Ablations, registered separately so tables show them as the paper does:
@@ -50,7 +51,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import BeforeValidator, Field
 
-from bench.api import Method
+from bench.api import Method, PruneResult
 from bench.errors import BenchError
 from bench.options import Fraction, NonNegFloat, OpenFraction, OptionsModel, PositiveFloat, PositiveInt
 from bench.registry import register_method
@@ -197,9 +198,8 @@ class UPop(Method):
         return float(settings.search_epochs)
 
     def prune(self, ctx):
-        opts, s, _ = self.typed_blocks(ctx)
+        opts, s, ft = self.typed_blocks(ctx)
         st = ctx.adapter.structure(ctx.model, ATTN_KINDS + FFN_KINDS)
-        ctx.structure = st
         groups = list(st)
         masks = ctx.adapter.attach_unit_masks(ctx.model, st, ATTN_KINDS + FFN_KINDS)
         weights = unit_weights(groups, opts.weights)
@@ -270,6 +270,9 @@ class UPop(Method):
         stats = ctx.train(ctx.model, epochs=s.search_epochs, lr=s.lr, min_lr=s.lr, warmup_epochs=0,
                           batch_size=s.batch_size, weight_decay=s.weight_decay,
                           weight_decay_groups=s.weight_decay_groups, drop_path=s.drop_path,
+                          # the official search iterates the retrain's train_loader (BLIP's transform_train, e.g.
+                          # compress_nlvr.py l. 181, 208, 250): its batches get the finetune block's randaugment
+                          randaugment=ft.randaugment if ft is not None else None,
                           on_step=on_step, extra_loss=l1 if (w_attn or w_mlp) else None,
                           state_hooks=(get_state, set_state))
         final = {n: m.detach().cpu() for n, m in masks.items()}
@@ -277,8 +280,9 @@ class UPop(Method):
         if bad:
             raise BenchError(f"UPop masks are not exactly 0/1 after the last update: {bad[:3]}")
         # only what the card chose: unset, the adapter applies its family's official behaviour
-        ctx.extract_options = {k: getattr(opts, k) for k in ("attention_scale", "reinit_qkv_bias")
-                               if getattr(opts, k) not in (None, False)}
+        extract_options = {k: getattr(opts, k) for k in ("attention_scale", "reinit_qkv_bias")
+                           if getattr(opts, k) not in (None, False)}
+        info = {}
         if opts.weights != "exact":
             # p is a fraction of the weighted units, not of the params (BLIP/CLIP: 36 per attention unit), so
             # the runner checks the ratio in that unit: within one unit of each kind, as for params
@@ -287,14 +291,14 @@ class UPop(Method):
             # the official rule keeps one unit per module even when the ranking selects all of them (micro
             # models, where one attention unit weighs 36 but holds far fewer params, hit this): that weight
             # is short of the target by design, so it widens the tolerance and is recorded
-            ctx.info["ratio_check"] = {
+            info["ratio_check"] = {
                 "unit": f"weighted units ({opts.weights})", "target": p * total_w, "achieved": removed_w,
                 "kept_by_min_one_rule": kept_by_rule["weight"],
                 "tolerance": max(weights.values()) * len({g.kind for g in groups}) + kept_by_rule["weight"]}
-        ctx.info.update({"search": {"steps": total, "interval": interval, "updates": len(history),
-                                    "importance": importance, "weights": opts.weights,
-                                    "train": stats}, "mask_updates": history})
-        return {n: m == 1 for n, m in final.items()}
+        info.update({"search": {"steps": total, "interval": interval, "updates": len(history),
+                                "importance": importance, "weights": opts.weights,
+                                "train": stats}, "mask_updates": history})
+        return PruneResult({n: m == 1 for n, m in final.items()}, st, extract_options=extract_options, info=info)
 
 
 @register_method("upop_unified")

@@ -84,7 +84,7 @@ import torch.nn.functional as F
 from pydantic import Field, create_model
 from torch import nn
 
-from bench.api import Method
+from bench.api import Method, PruneResult, TaskAdapter
 from bench.errors import BenchError, CellFailure
 from bench.options import Fraction, NonNegFloat, NonNegInt, OptionsModel, PositiveFloat, PositiveInt
 from bench.registry import register_method
@@ -288,7 +288,7 @@ class FlopsModel:
     Norms are left out, and a pooler/classifier that sees one token is counted per token (it cannot be
     told apart without module names): a small overestimate for sequence classifiers."""
 
-    def __init__(self, model, structure, n: int):
+    def __init__(self, model, structure, n: int, geometry):
         self.sm = SizeModel(model, structure, "total")
         mods = dict(model.named_modules())
         emb = set()
@@ -304,15 +304,11 @@ class FlopsModel:
         params = dict(model.named_parameters())
         self.weights = [name for name, prm in params.items() if prm.dim() == 2 and (name not in emb or name == tied)]
         self.n = int(n)
-        cfg = getattr(model, "config", None)
-        heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
-        width = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
-        head_dim = getattr(cfg, "head_dim", None) or (width // heads if heads and width else None)
-        self.q_width = (heads or 0) * (head_dim or 0)
+        self.q_width = geometry.heads * geometry.head_dim
         names = {g.name for g in structure}
         self.heads = [(g.name, f"{g.name.rsplit(':', 1)[0]}:layer") for g in structure if g.kind == "head"]
         self.heads = [(h, lay if lay in names else None) for h, lay in self.heads]
-        self.n_layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None) or len(self.heads)
+        self.n_layers = geometry.layers
 
     def macs(self, frac: dict):
         total = 0.0
@@ -398,18 +394,16 @@ class VTrans(Method):
         opts, s, _ = self.typed_blocks(ctx)
         # a profile may rescale options (micro): its non-null option keys override the card's for that profile
         o = opts.model_copy(update={k: getattr(s, k) for k in type(opts).model_fields if getattr(s, k) is not None})
-        self.finetune = bool(o.weight_finetune)
         kinds = [k for k in o.unit_kinds]
         bad = set(kinds) - set(MASK_KINDS)
         if bad:
             raise BenchError(f"{self.name} masks the unit kinds {MASK_KINDS}, not {sorted(bad)}")
         st = ctx.adapter.structure(ctx.model, kinds)
-        ctx.structure = st
         model, task, device, p = ctx.model, ctx.task, ctx.device, float(ctx.ratio.p)
         sm = SizeModel(model, st, o.ratio_basis)
         if o.constraint == "flops":
-            n = o.flops_seq_len or int(task.dummy_inputs({"vocab_size": 2}, 1, "cpu")[0].shape[-1])
-            budget = FlopsModel(model, st, n)
+            n = o.flops_seq_len or int(task.sequence_length())
+            budget = FlopsModel(model, st, n, ctx.adapter.geometry(model))
             sparsity_fn, size_fn = budget.sparsity, budget.macs
             dense_macs = budget.dense()
             target_size = (1 - p) * dense_macs
@@ -446,7 +440,7 @@ class VTrans(Method):
         for prm in model.parameters():
             prm.requires_grad_(True)
         model.eval()
-        ctx.info.update({
+        return PruneResult(keep, st, finetune=bool(o.weight_finetune), info={
             "compression_s": round(time.perf_counter() - t_start, 3),
             "variant": self.name, "options": o.to_dict(),
             "phase1": history,
@@ -455,16 +449,15 @@ class VTrans(Method):
             "hard": {"constraint": o.constraint, "target_sparsity": p, "exact_budget": o.exact_budget,
                      "achieved_sparsity": round(achieved_sparsity(achieved), 6),
                      "kept_units": {g.name: int(keep[g.name].sum()) for g in st}},
-            "weight_finetune": self.finetune,
+            "weight_finetune": bool(o.weight_finetune),
         })
-        return keep
 
     # -------------------------------------------------------------------------------------------
     def _phase1(self, ctx, st, vib, o, s, sparsity_fn, p):
         """Mask (and weight) training under KL + Lagrangian + distillation. Returns a summary."""
         model, task, device, adapter = ctx.model, ctx.task, ctx.device, ctx.adapter
-        for hook in ("forward", "loss_from_output", "train_batches"):
-            if not hasattr(task, hook):
+        for hook in ("forward", "loss_from_output", "token_shape"):
+            if getattr(type(task), hook) is getattr(TaskAdapter, hook):
                 raise BenchError(f"{self.name} needs the task's `{hook}` (tasks/glue.py and tasks/lm_perplexity.py "
                                  f"have it); task {task.name} does not")
         distill = o.distill
@@ -483,8 +476,7 @@ class VTrans(Method):
         width = None
         transform = nn.Identity()
         if use_hidden:
-            cfg = model.config
-            width = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+            width = adapter.geometry(model).width
             transform = nn.Linear(width, width).to(device)
             if o.layer_transform_init == "identity":
                 with torch.no_grad():
@@ -529,8 +521,7 @@ class VTrans(Method):
                     for gr in opt_.param_groups:
                         gr["lr"] = base * frac_lr
             batch = next(batches)
-            ids = batch["input_ids"]
-            lead = tuple(ids.shape[:2]) if o.noise == "per_token" else ()
+            lead = tuple(task.token_shape(batch)) if o.noise == "per_token" else ()
             z = {g.name: vib.sample(g.name, lead) for g in st}
             adapter.set_unit_masks(model, st, z)
             out = task.forward(model, batch, device, output_hidden_states=use_hidden) if teacher is not None \

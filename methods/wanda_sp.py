@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from bench.api import Method
+from bench.api import Method, PruneResult
 from bench.options import OptionsModel, PositiveInt
 from bench.registry import register_method
 from methods import _importance as importance
@@ -58,6 +58,6 @@ class WandaSP(Method):
         sq = importance.input_sq_norms(
             model, st, lambda: importance.calibrate(model, ctx.task, batches, s.calib_batches, ctx.device))
         keep = select_for_method(ctx, st, importance.wanda(model, st, sq, o.norm), one_shot(ctx.ratio.p), o.allocation)
-        ctx.info["options"] = {"unit_kinds": st.kinds(), "allocation": o.allocation, "norm": o.norm,
-                               "calib_batches": s.calib_batches, "calib_batch_size": bs}
-        return keep
+        return PruneResult(keep, st, info={"options": {
+            "unit_kinds": st.kinds(), "allocation": o.allocation, "norm": o.norm,
+            "calib_batches": s.calib_batches, "calib_batch_size": bs}})

@@ -386,6 +386,14 @@ class LanguageMasks:
     def clear_unit_masks(self, model):
         clear_masks(model)
 
+    def geometry(self, model):
+        """The transformers config's shape (GPT-2's n_embd/n_head/n_layer are aliased to these names)."""
+        from bench.api import Geometry
+        cfg = model.config
+        heads, width = int(cfg.num_attention_heads), int(cfg.hidden_size)
+        return Geometry(width=width, heads=heads, head_dim=int(getattr(cfg, "head_dim", None) or width // heads),
+                        layers=int(cfg.num_hidden_layers))
+
     def fold_unit_masks(self, model, structure, values):
         at = model.__dict__.get("_ffn_mask_at", "post_act")
         return fold_masks(model, self.mask_sites(model, at), values)

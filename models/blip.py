@@ -53,6 +53,7 @@ from transformers.models.blip.modeling_blip_text import (BlipTextAttention, Blip
                                                          BlipTextOutput, BlipTextPredictionHeadTransform,
                                                          BlipTextSelfAttention)
 
+from bench import distributed as dist
 from bench.api import ModelAdapter
 from bench.checkpoints import check_matches, load_state_dict
 from bench.errors import BenchError
@@ -525,7 +526,13 @@ class BlipVQA(BlipBase):
 
 
 class BlipRetrieval(BlipBase):
-    """ITC (+ momentum distillation and queues) + ITM with hard negatives, as BLIP's blip_retrieval.py."""
+    """ITC (+ momentum distillation and queues) + ITM with hard negatives, as BLIP's blip_retrieval.py.
+
+    Data parallel (torchrun): as the official code (sdc17/UPop models/blip_retrieval.py, `forward`): the
+    queues take the momentum features and ids of every rank (`concat_all_gather` in `_dequeue_and_enqueue`),
+    and with `negative_all_rank` (the configs' value: True in UPop's configs/retrieval_coco.yaml and
+    retrieval_flickr.yaml) the ITM hard negatives are drawn from the whole world batch, the image embeddings
+    gathered with their gradient (`all_gather_with_grad`). In one process both are the local batch."""
 
     has_itm = True
 
@@ -550,6 +557,7 @@ class BlipRetrieval(BlipBase):
         self.register_buffer("ptr_queue", torch.zeros(1, dtype=torch.long))
         self.momentum = float(cfg.get("momentum", 0.995))
         self.alpha = float(cfg.get("alpha", 0.4))     # the task may ramp it over epoch 0 as BLIP does
+        self.negative_all_rank = bool(cfg.get("negative_all_rank", True))
 
     PAIRS = (("visual_encoder", "visual_encoder_m"), ("vision_proj", "vision_proj_m"),
              ("text_encoder", "text_encoder_m"), ("text_proj", "text_proj_m"))
@@ -613,32 +621,51 @@ class BlipRetrieval(BlipBase):
         sim_t2i = text_feat @ image_feat_m_all / self.temp
         loss_ita = (-(F.log_softmax(sim_i2t, 1) * i2t_targets).sum(1).mean()
                     - (F.log_softmax(sim_t2i, 1) * t2i_targets).sum(1).mean()) / 2
+        idxs = dist.gather_cat(idx)                  # every rank's ids (one process: this batch's)
         if not meta:
-            self._enqueue(image_feat_m, text_feat_m, idx)
+            self._enqueue(dist.gather_cat(image_feat_m), dist.gather_cat(text_feat_m), idxs)
 
         # ITM: the positive pair, then a hard negative image per text and a hard negative text per image
         enc_ids = _set_first(input_ids, self._ids("enc_token_id"))
         out_pos = self.text_encoder(enc_ids, attention_mask, image_embeds)
-        neg_img, neg_txt = self._hard_negatives(image_feat, text_feat, idx, meta)
-        ids_all = torch.cat([enc_ids, enc_ids[neg_txt]], dim=0)
-        atts_all = torch.cat([attention_mask, attention_mask[neg_txt]], dim=0)
-        embeds_all = torch.cat([image_embeds[neg_img], image_embeds], dim=0)
+        world = self.negative_all_rank and not meta and dist.is_distributed()
+        pool_ids, pool_mask, pool_embeds = ((dist.gather_cat(enc_ids, 0), dist.gather_cat(attention_mask, 0),
+                                             dist.gather_cat_with_grad(image_embeds)) if world
+                                            else (enc_ids, attention_mask, image_embeds))
+        neg_img, neg_txt = self._hard_negatives(image_feat, text_feat, idx, meta, idxs if world else idx,
+                                                dist.gather_cat(image_feat) if world else image_feat,
+                                                dist.gather_cat(text_feat) if world else text_feat)
+        ids_neg, atts_neg = pool_ids[neg_txt], pool_mask[neg_txt]
+        if ids_neg.shape[1] != enc_ids.shape[1]:      # a wider rank's padding: cut to this rank's width if only
+            width = max(enc_ids.shape[1], int(atts_neg.sum(1).max()))   # padding is cut, else pad this rank
+            ids_neg, atts_neg = ids_neg[:, :width], atts_neg[:, :width]
+            enc_ids, attention_mask = (F.pad(enc_ids, (0, width - enc_ids.shape[1])),
+                                       F.pad(attention_mask, (0, width - attention_mask.shape[1])))
+        ids_all = torch.cat([enc_ids, ids_neg], dim=0)
+        atts_all = torch.cat([attention_mask, atts_neg], dim=0)
+        embeds_all = torch.cat([pool_embeds[neg_img], image_embeds], dim=0)
         out_neg = self.text_encoder(ids_all, atts_all, embeds_all)
         vl = self.itm_head(torch.cat([out_pos[:, 0], out_neg[:, 0]], dim=0))
         itm_labels = torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(2 * B, dtype=torch.long)]).to(vl.device)
         return loss_ita + F.cross_entropy(vl, itm_labels)
 
     @torch.no_grad()
-    def _hard_negatives(self, image_feat, text_feat, idx, meta):
-        """Negatives sampled in proportion to the in-batch similarity, positives (same idx) excluded. On
-        `meta` (FLOPs) or when a batch has no valid negative, a fixed shift is used (same compute)."""
+    def _hard_negatives(self, image_feat, text_feat, idx, meta, pool_idx=None, pool_image=None, pool_text=None):
+        """Indices into the pool (this batch, or the world batch under data parallelism) of one negative per
+        sample, drawn in proportion to the similarity, positives (same idx) excluded. On `meta` (FLOPs) or
+        when a batch has no valid negative, a fixed shift within this batch is used (same compute)."""
         B = image_feat.shape[0]
+        pool_idx = idx if pool_idx is None else pool_idx
+        pool_image = image_feat if pool_image is None else pool_image
+        pool_text = text_feat if pool_text is None else pool_text
         shift = torch.roll(torch.arange(B, device=image_feat.device), 1)
         if meta or B < 2:
             return shift, shift
-        mask = idx == idx.t()
-        w_i2t = (image_feat @ text_feat.t() / self.temp).softmax(1).masked_fill(mask, 0)
-        w_t2i = (text_feat @ image_feat.t() / self.temp).softmax(1).masked_fill(mask, 0)
+        offset = dist.rank() * B if pool_idx.shape[0] != B else 0   # this rank's rows in the world pool
+        shift = shift + offset
+        mask = idx == pool_idx.t()
+        w_i2t = (image_feat @ pool_text.t() / self.temp).softmax(1).masked_fill(mask, 0)
+        w_t2i = (text_feat @ pool_image.t() / self.temp).softmax(1).masked_fill(mask, 0)
         ok = (w_i2t.sum(1) > 0) & (w_t2i.sum(1) > 0)
         if not bool(ok.all()):
             return shift, shift

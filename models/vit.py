@@ -18,7 +18,7 @@ from timm.layers import Mlp
 from timm.layers.attention import Attention
 from timm.models.vision_transformer import VisionTransformer
 
-from bench.api import ModelAdapter
+from bench.api import Geometry, ModelAdapter
 from bench.checkpoints import check_matches, load_state_dict
 from bench.errors import BenchError
 from bench.registry import register_model_family
@@ -113,6 +113,11 @@ class VitAdapter(ModelAdapter):
     def build(self):
         cfg = {k: v for k, v in self.config.items() if k in self._TIMM_KEYS}
         return VisionTransformer(**cfg, attn_layer=PrunableAttention, mlp_layer=PrunableMlp)
+
+    def geometry(self, model):
+        attn = model.blocks[0].attn
+        return Geometry(width=int(model.embed_dim), heads=int(attn.num_heads), head_dim=int(attn.head_dim),
+                        layers=len(model.blocks))
 
     def structure(self, model, kinds=None) -> Structure:
         kinds = set(kinds or self.UNIT_KINDS)

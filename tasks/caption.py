@@ -11,11 +11,13 @@ Layout (BLIP's annotation files, configs/caption_coco.yaml):
   root = <data_root>/coco (the same folder as retrieval_coco).
 
 Training: prompt "a picture of " + pre_caption(caption, max_words 30) (BLIP's coco_karpathy_train), LM
-loss without the prompt tokens (model.caption_loss). Generation: beam search, 3 beams, max_length 20,
-min_length 5 (docs/specs/upop.md §7), the prompt given and stripped. image_id of a result = the number at the end of the
-image file name (BLIP's coco_karpathy_caption_eval). Metrics (pycocoevalcap, PTB tokenizer): Bleu_4,
-METEOR, ROUGE_L, CIDEr on "test" ("val" for selection); SPICE only when Stanford CoreNLP's jars are in
-pycocoevalcap/spice/lib (it cannot be downloaded here), otherwise reported missing with the reason, never 0.
+loss without the prompt tokens (model.caption_loss). Training images: retrieval_coco's transform (BLIP's
+crop + flip on the paper profile, the recipe's crop_scale and randaugment: tasks.common.blip_augment).
+Generation: beam search, 3 beams, max_length 20, min_length 5 (docs/specs/upop.md §7), the prompt given and
+stripped. image_id of a result = the number at the end of the image file name (BLIP's
+coco_karpathy_caption_eval). Metrics (pycocoevalcap, PTB tokenizer): Bleu_4, METEOR, ROUGE_L, CIDEr on
+"test" ("val" for selection); SPICE only when Stanford CoreNLP's jars are in pycocoevalcap/spice/lib (it
+cannot be downloaded here), otherwise reported missing with the reason, never 0.
 """
 from __future__ import annotations
 
@@ -136,8 +138,9 @@ class CaptionTask(CocoRetrievalTask):
         return refs
 
     def train_batches(self, batch_size: int, seed: int, recipe=None):
-        """(images, input_ids, attention_mask) of prompt + caption; the model masks the prompt's labels."""
-        for x, _ids, _mask, _idx in super().train_batches(batch_size, seed):
+        """(images, input_ids, attention_mask) of prompt + caption; the model masks the prompt's labels. Images:
+        retrieval_coco's training transform (BLIP's crop + flip, the recipe's crop_scale / randaugment)."""
+        for x, _ids, _mask, _idx in super().train_batches(batch_size, seed, recipe=recipe):
             yield x, _ids, _mask
 
     def prepare(self) -> None:

@@ -1,6 +1,6 @@
 """GLUE (Wang et al. 2019): the eight tasks of the BERT/RoBERTa pruning tables, evaluated on dev.
 
-Tasks (registered names, official metrics, reported x100 as papers do):
+Tasks (registered names, official metrics (metrics.glue), reported x100 as papers do):
     glue_cola  CoLA   Matthews correlation ("mcc")
     glue_sst2  SST-2  accuracy ("acc")
     glue_mrpc  MRPC   F1 of the positive class and accuracy ("f1", "acc")
@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -62,59 +61,18 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from bench.api import TaskAdapter
+from bench.api import ModelOutput, TaskAdapter
 from bench.errors import BenchError, MissingData
 from bench.measure import eval_mode
 from bench.options import NonNegInt, OptionsModel, PositiveInt
 from bench.registry import register_task
-from tasks.common.tokenizers import check_vocab
+from metrics.glue import accuracy, f1_and_accuracy, matthews_corr, pearson_spearman
+from tasks.common.tokenizers import WordVocab, check_vocab, word_vocab
 from tasks.micro_data import generate_atomically, micro_folder
 
 LAYOUT_VERSION = 1
 GENERATOR_VERSION = 4
 EVAL_BATCH_SIZE = 128
-
-# ------------------------------------------------------------------------------------------------
-# metrics (official definitions; returned x100)
-
-
-def accuracy(pred, gold) -> float:
-    pred, gold = np.asarray(pred), np.asarray(gold)
-    return float((pred == gold).mean()) if len(gold) else float("nan")
-
-
-def f1_and_accuracy(pred, gold) -> dict:
-    """MRPC's and QQP's pair of metrics, x100."""
-    return {"f1": 100 * f1_binary(pred, gold), "acc": 100 * accuracy(pred, gold)}
-
-
-def f1_binary(pred, gold) -> float:
-    """F1 of the positive class (label 1), as GLUE reports for MRPC and QQP (0 when nothing is positive)."""
-    pred, gold = np.asarray(pred), np.asarray(gold)
-    tp = float(((pred == 1) & (gold == 1)).sum())
-    fp = float(((pred == 1) & (gold == 0)).sum())
-    fn = float(((pred == 0) & (gold == 1)).sum())
-    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
-
-
-def matthews_corr(pred, gold) -> float:
-    """Matthews correlation of binary predictions (0 when a margin is empty, as scikit-learn)."""
-    pred, gold = np.asarray(pred), np.asarray(gold)
-    tp = float(((pred == 1) & (gold == 1)).sum())
-    tn = float(((pred == 0) & (gold == 0)).sum())
-    fp = float(((pred == 1) & (gold == 0)).sum())
-    fn = float(((pred == 0) & (gold == 1)).sum())
-    den = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    return (tp * tn - fp * fn) / den if den else 0.0
-
-
-def pearson_spearman(pred, gold) -> tuple:
-    from scipy.stats import pearsonr, spearmanr
-    pred, gold = np.asarray(pred, dtype=np.float64), np.asarray(gold, dtype=np.float64)
-    if len(gold) < 2 or pred.std() == 0 or gold.std() == 0:
-        return float("nan"), float("nan")   # undefined (constant predictions): reported missing, never 0
-    return float(pearsonr(pred, gold)[0]), float(spearmanr(pred, gold)[0])
-
 
 # ------------------------------------------------------------------------------------------------
 # micro vocabulary and word-level tokenizer
@@ -139,30 +97,20 @@ FUNCTION = ["the", "a", "is", "was", "are", "were", "not", "and", "but", "it", "
             "near", "than", "there", "does", "do"]
 
 
-def _micro_vocab() -> list:
-    words = []
-    for w in (POS_ADJ + NEG_ADJ + NOUNS + PLURALS + COLOURS + VERBS + VERBS_PL + FILLER + FUNCTION
-              + sorted(set(SYN.values()))):
-        if w not in words:
-            words.append(w)
-    return SPECIALS + words
-
-
-MICRO_VOCAB = _micro_vocab()
+MICRO_VOCAB = word_vocab(SPECIALS, POS_ADJ + NEG_ADJ + NOUNS + PLURALS + COLOURS + VERBS + VERBS_PL + FILLER
+                         + FUNCTION + sorted(set(SYN.values())))
 MICRO_VOCAB_SIZE = len(MICRO_VOCAB)
 
 
-class WordTokenizer:
+class WordTokenizer(WordVocab):
     """Word-level tokenizer over a fixed vocabulary: lower-cased whitespace split, BERT-style pair layout."""
 
-    pad_id, unk_id, cls_id, sep_id = 0, 1, 2, 3
-
     def __init__(self, vocab=MICRO_VOCAB):
-        self.vocab = list(vocab)
-        self.index = {w: i for i, w in enumerate(self.vocab)}
+        super().__init__(vocab, unk="[UNK]")
+        self.pad_id, self.cls_id, self.sep_id = (self.index[t] for t in ("[PAD]", "[CLS]", "[SEP]"))
 
     def ids(self, text: str) -> list:
-        return [self.index.get(w, self.unk_id) for w in text.lower().split()]
+        return self.lookup(text.lower().split())
 
     def encode(self, a: str, b: str | None, max_len: int) -> tuple:
         ta, tb = self.ids(a), (self.ids(b) if b is not None else None)
@@ -697,8 +645,16 @@ class GlueTask(TaskAdapter):
             kw["token_type_ids"] = batch["token_type_ids"].to(device)
         return kw
 
-    def forward(self, model, batch, device, **extra):
-        return model(**self.model_inputs(model, batch, device), **extra)
+    def forward(self, model, batch, device, output_hidden_states: bool = False) -> ModelOutput:
+        out = model(**self.model_inputs(model, batch, device),
+                    **({"output_hidden_states": True} if output_hidden_states else {}))
+        return ModelOutput(out.logits, out.hidden_states if output_hidden_states else None)
+
+    def token_shape(self, batch) -> tuple:
+        return tuple(batch["input_ids"].shape[:2])
+
+    def sequence_length(self) -> int:
+        return int(self.max_len)
 
     def loss_from_output(self, out, batch, device) -> torch.Tensor:
         logits = out.logits if hasattr(out, "logits") else out

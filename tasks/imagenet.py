@@ -48,6 +48,7 @@ from bench.recipe import TASK_RECIPE_KEYS
 from bench.registry import register_task
 from tasks.augment import PrivateRNG, classification_loss, mixup_for
 from tasks.common.files import load_image, scan_images
+from tasks.common.scenes import contrast_and_noise
 from tasks.micro_data import generate_atomically, micro_folder
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -206,10 +207,7 @@ def render_micro_image(rng: np.random.Generator, c: int, num_classes: int, size:
 
     img = bg.resize((size, size), Image.BOX)
     # pixel noise and a global brightness/contrast jitter
-    a = np.asarray(img, np.float32)
-    a = (a - 128) * rng.uniform(0.75, 1.15) + 128 + rng.normal(0, 10)
-    a = a + rng.normal(0, P['noise'], a.shape)
-    return Image.fromarray(a.round().clip(0, 255).astype(np.uint8))
+    return Image.fromarray(contrast_and_noise(np.asarray(img, np.float32), rng, (0.75, 1.15), P['noise']))
 
 
 def generate_micro(root, num_classes: int = 10, train_per_class: int = 160, val_per_class: int = 40,

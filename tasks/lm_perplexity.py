@@ -44,12 +44,12 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from bench.api import TaskAdapter
+from bench.api import ModelOutput, TaskAdapter
 from bench.errors import BenchError, MissingData
 from bench.measure import eval_mode
 from bench.options import NonNegInt, OptionsModel, PositiveInt
 from bench.registry import register_task
-from tasks.common.tokenizers import check_vocab
+from tasks.common.tokenizers import WordVocab, check_vocab, word_vocab
 from tasks.micro_data import generate_atomically, micro_folder
 
 LAYOUT_VERSION = 1
@@ -86,28 +86,18 @@ WORDS = (DET + ADJ + N_SG + N_PL + V_SG + V_PL + PLACES + YEARS
 SPECIALS = ["<pad>", "<unk>", "<nl>"]
 
 
-def _micro_vocab() -> list:
-    out = list(SPECIALS)
-    for w in WORDS:
-        if w not in out:
-            out.append(w)
-    return out
-
-
-MICRO_VOCAB = _micro_vocab()
+MICRO_VOCAB = word_vocab(SPECIALS, WORDS)
 MICRO_VOCAB_SIZE = len(MICRO_VOCAB)
 
 
-class WordTokenizer:
+class WordTokenizer(WordVocab):
     """Word-level tokenizer of the micro corpus: whitespace split, newline -> <nl>, unknown -> <unk>."""
 
     def __init__(self, vocab=MICRO_VOCAB):
-        self.vocab = list(vocab)
-        self.index = {w: i for i, w in enumerate(self.vocab)}
+        super().__init__(vocab, unk="<unk>")
 
     def __call__(self, text: str) -> list:
-        unk = self.index["<unk>"]
-        return [self.index.get(w, unk) for w in text.replace("\n", " <nl> ").split()]
+        return self.lookup(text.replace("\n", " <nl> ").split())
 
 
 def _np(rng, xs):
@@ -394,8 +384,16 @@ class WikiText2Perplexity(TaskAdapter):
     def model_inputs(model, batch, device) -> dict:
         return {"input_ids": batch["input_ids"].to(device)}
 
-    def forward(self, model, batch, device, **extra):
-        return model(**self.model_inputs(model, batch, device), **extra)
+    def forward(self, model, batch, device, output_hidden_states: bool = False) -> ModelOutput:
+        out = model(**self.model_inputs(model, batch, device),
+                    **({"output_hidden_states": True} if output_hidden_states else {}))
+        return ModelOutput(out.logits, out.hidden_states if output_hidden_states else None)
+
+    def token_shape(self, batch) -> tuple:
+        return tuple(batch["input_ids"].shape[:2])
+
+    def sequence_length(self) -> int:
+        return int(self.seq_len)
 
     def loss_from_output(self, out, batch, device) -> torch.Tensor:
         logits = (out.logits if hasattr(out, "logits") else out)[:, :-1].float()

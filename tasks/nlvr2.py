@@ -14,14 +14,15 @@ folders). nlvr_test.json is test-P (the public test set), the split UPop reports
 What BLIP does (and this task reproduces): sentences through `pre_caption` (lower case, punctuation
 stripped, at most 40 words); images 384x384 bicubic, CLIP mean/std; training augmentation = the pair
 swap of BLIP's NLVR dataset (with probability 0.5 the two images are exchanged and the words "left" and
-"right" in the sentence are swapped); the paper profile also uses BLIP's RandomResizedCrop(0.5-1) +
-flip (RandAugment is not reproduced: option noted in the fingerprint). Loss: cross-entropy over the two
-classes of the model's logits. Metrics: accuracy in percent (`acc`, plus `dev_acc` / `test_acc` so a card
+"right" in the sentence are swapped); the paper profile also uses BLIP's RandomResizedCrop(0.5-1, bicubic) +
+flip on each image (torchvision's crop, tasks.common.blip_augment), and the recipe keys `crop_scale` (the crop's
+area range, default BLIP's min_scale 0.5) and `randaugment` (BLIP's RandomAugment(n, m) after the flip, any
+profile) complete BLIP's transform_train. Loss: cross-entropy over the two classes of the model's logits. Metrics: accuracy in percent (`acc`, plus `dev_acc` / `test_acc` so a card
 can report both splits).
 
 Tokenisation: the task's job. Micro: tasks.vl_micro.MicroTokenizer. Paper: transformers' BertTokenizer
 from a local bert-base-uncased folder (setting `tokenizer`, default <data_root>/bert-base-uncased) with
-BLIP's added [DEC] and [ENC] tokens; nothing is downloaded.
+BLIP's added [DEC] and [ENC] tokens (tasks.common.tokenizers.BlipBertTokenizer); nothing is downloaded.
 
 Micro profile: `<cache>/data/nlvr2_micro-<hash>`, generated atomically in exactly the layout above
 (PNG image pairs of synthetic scenes and statements about them from tasks.vl_micro). Images are decoded
@@ -44,7 +45,8 @@ from bench.measure import eval_mode
 from bench.options import NonNegInt, OptionsModel, PositiveInt
 from bench.registry import register_task
 from tasks.common import files
-from tasks.common.tokenizers import check_vocab
+from tasks.common.blip_augment import TrainTransform
+from tasks.common.tokenizers import BlipBertTokenizer, check_vocab
 from tasks.micro_data import generate_atomically, micro_folder
 from tasks.retrieval import pre_caption
 
@@ -188,6 +190,7 @@ class Nlvr2Task(TaskAdapter):
     metrics = {"acc": True, "dev_acc": True, "test_acc": True}
     layout = LAYOUT
     Data = Nlvr2Data
+    RECIPE_KEYS = frozenset({"crop_scale", "randaugment"})   # BLIP's transform_train (tasks.common.blip_augment)
 
     def __init__(self, settings, data_root, profile, cache_dir):
         super().__init__(settings, data_root, profile, cache_dir)
@@ -286,7 +289,7 @@ class Nlvr2Task(TaskAdapter):
                 self._tok = MicroTokenizer()
             else:
                 tok = self.settings.tokenizer
-                self._tok = _BertTokenizer(Path(tok) if tok is not None else self.data_root / "bert-base-uncased")
+                self._tok = BlipBertTokenizer(tok if tok is not None else self.data_root / "bert-base-uncased")
         return self._tok
 
     def check_model(self, model) -> None:
@@ -300,7 +303,7 @@ class Nlvr2Task(TaskAdapter):
         return enc["input_ids"], enc["attention_mask"]
 
     # ---------------------------------------------------------------- batches
-    def _batch(self, anns, augment=False, gen=None):
+    def _batch(self, anns, augment=False, gen=None, transform=None):
         img0, img1, sents, labels = [], [], [], []
         for a in anns:
             i0, i1 = self._image(a["images"][0]), self._image(a["images"][1])
@@ -312,8 +315,8 @@ class Nlvr2Task(TaskAdapter):
             sents.append(s)
             labels.append(a["label"])
         x0, x1 = torch.stack(img0), torch.stack(img1)
-        if augment and self.profile == "paper":
-            x0, x1 = _random_resized_crop_flip(x0, gen), _random_resized_crop_flip(x1, gen)
+        if augment and transform is not None:     # BLIP's transform_train, each image on its own
+            x0, x1 = transform(x0, gen), transform(x1, gen)
         ids, mask = self.tokenize(sents)
         return self._normalise(x0), self._normalise(x1), ids, mask, torch.tensor(labels, dtype=torch.long)
 
@@ -322,10 +325,12 @@ class Nlvr2Task(TaskAdapter):
         n = len(anns)
         bs = min(int(batch_size), n)
         g = torch.Generator().manual_seed(int(seed))
+        # paper: RandomResizedCrop + flip; the recipe's randaugment adds BLIP's RandomAugment (micro: none unless set)
+        transform = TrainTransform.for_recipe(recipe, crop=self.profile == "paper", task=self.name)
         while True:
             perm = torch.randperm(n, generator=g).tolist()
             for i in range(0, n - bs + 1, bs):          # drop_last, as BLIP's loader
-                yield self._batch([anns[j] for j in perm[i:i + bs]], augment=True, gen=g)
+                yield self._batch([anns[j] for j in perm[i:i + bs]], augment=True, gen=g, transform=transform)
 
     def loss(self, model: nn.Module, batch, device, recipe=None) -> torch.Tensor:
         x0, x1, ids, mask, y = batch
@@ -379,42 +384,3 @@ class Nlvr2Task(TaskAdapter):
         else:
             fp["root"] = str(self.root.resolve())
         return fp
-
-
-def _random_resized_crop_flip(x: torch.Tensor, gen, scale=(0.5, 1.0)) -> torch.Tensor:
-    """BLIP's RandomResizedCrop(scale 0.5-1, bicubic) + horizontal flip, per image, on uint8 batches."""
-    B, _, H, W = x.shape
-    out = torch.empty_like(x)
-    for i in range(B):
-        area = H * W * float(torch.empty(()).uniform_(*scale, generator=gen))
-        ratio = float(torch.exp(torch.empty(()).uniform_(np.log(3 / 4), np.log(4 / 3), generator=gen)))
-        w = int(min(W, max(1, round((area * ratio) ** 0.5))))
-        h = int(min(H, max(1, round((area / ratio) ** 0.5))))
-        top = int(torch.randint(0, H - h + 1, (1,), generator=gen))
-        left = int(torch.randint(0, W - w + 1, (1,), generator=gen))
-        crop = x[i:i + 1, :, top:top + h, left:left + w].float()
-        crop = F.interpolate(crop, size=(H, W), mode="bicubic", align_corners=False).clamp_(0, 255)
-        if float(torch.rand((), generator=gen)) < 0.5:
-            crop = crop.flip(-1)
-        out[i] = crop[0].round().to(x.dtype)
-    return out
-
-
-class _BertTokenizer:
-    """bert-base-uncased from a local folder + BLIP's [DEC] (bos) and [ENC] tokens, MicroTokenizer's API."""
-
-    def __init__(self, path: Path):
-        if not (path / "vocab.txt").is_file():
-            raise MissingData("bert-base-uncased tokenizer (vocab.txt)", path,
-                              "  <folder>/vocab.txt (+ tokenizer_config.json), e.g. a saved bert-base-uncased",
-                              "Save the tokenizer there (BertTokenizer.from_pretrained(...).save_pretrained(folder)) or "
-                              "set the card's data.tokenizer; nothing is downloaded at run time.")
-        from transformers import BertTokenizer
-        self.path = path
-        self.tok = BertTokenizer.from_pretrained(str(path))
-        self.tok.add_special_tokens({"bos_token": "[DEC]"})
-        self.tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
-
-    def __call__(self, texts, max_len=128):
-        enc = self.tok(list(texts), padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

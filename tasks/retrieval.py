@@ -18,16 +18,19 @@ similarity matrix; for BLIP (has_itm) each image's top-k texts and each text's t
 with score = ITM match logit + ITC similarity (k = `k_test`: 256 COCO, 128 Flickr), every other entry -100;
 CLIP uses the cosine matrix as is. Recall@1/5/10 in both directions: image->text ranks an image's best
 ground-truth caption (any of its 5), text->image ranks the caption's image; r_mean = mean of the six.
-Metrics: txt_r1 txt_r5 txt_r10 img_r1 img_r5 img_r10 r_mean (percent) on "test"; "val" is there for
-selection.
+Metrics (metrics.retrieval.recall_at_k): txt_r1 txt_r5 txt_r10 img_r1 img_r5 img_r10 r_mean (percent) on
+"test"; "val" is there for selection.
 
 Training batches: (images, input_ids, attention_mask, idx) with idx = the image's index (positives of ITC
 across captions of the same image), loss = model.retrieval_loss. Text: BLIP's pre_caption (lower case,
-punctuation stripped, max_words 30 for COCO/Flickr) then the tokenizer: micro = tasks.vl_micro.MicroTokenizer,
-paper = BERT (BLIP; `tokenizer_path`, a local bert-base-uncased folder) or open_clip's (CLIP; `tokenizer: open_clip`).
+punctuation stripped, max_words 30 for COCO/Flickr) then the tokenizer (tasks.common.tokenizers.TextTokenizer):
+micro = tasks.vl_micro.MicroTokenizer, paper = BERT (BLIP; `tokenizer_path`, a local bert-base-uncased folder)
+or open_clip's (CLIP; `tokenizer: open_clip`).
 Images: resize to the model's size (bicubic) and normalise with the CLIP/BLIP mean/std; paper training adds
-RandomResizedCrop(0.5-1) + flip (BLIP's RandAugment is not reproduced); micro trains without augmentation
-(a flip would falsify "left of" captions).
+BLIP's RandomResizedCrop(0.5-1, bicubic) + flip (torchvision's crop, tasks.common.blip_augment); micro trains
+without augmentation (a flip would falsify "left of" captions; data.augment switches the crop + flip). Recipe
+keys: `crop_scale` (the crop's area range, default BLIP's min_scale 0.5) and `randaugment` (BLIP's
+RandomAugment(n, m) after the flip, any profile), BLIP's transform_train.
 """
 from __future__ import annotations
 
@@ -48,8 +51,10 @@ from bench.errors import BenchError, MissingData
 from bench.measure import eval_mode
 from bench.options import NonNegInt, OptionsModel, PositiveInt
 from bench.registry import register_task
+from metrics.retrieval import recall_at_k
 from tasks.common import files
-from tasks.common.tokenizers import check_vocab
+from tasks.common.blip_augment import TrainTransform
+from tasks.common.tokenizers import TextTokenizer
 from tasks.micro_data import MARKER, generate_atomically, micro_folder
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)     # BLIP and CLIP normalisation
@@ -144,94 +149,6 @@ class ImageStore:
 def normalise(x: torch.Tensor) -> torch.Tensor:
     x = x.float().div(255)
     return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
-
-
-def random_resized_crop_flip(x: torch.Tensor, g: torch.Generator, scale=(0.5, 1.0), flip=True) -> torch.Tensor:
-    """Batch-wise RandomResizedCrop (square crops, area fraction in `scale`) + horizontal flip, uint8 in/out."""
-    B, _, H, W = x.shape
-    out = torch.empty_like(x)
-    for j in range(B):
-        s = float(torch.empty(1).uniform_(*scale, generator=g))
-        c = max(1, int(round((s * H * W) ** 0.5)))
-        oy = int(torch.randint(0, H - c + 1, (1,), generator=g))
-        ox = int(torch.randint(0, W - c + 1, (1,), generator=g))
-        crop = x[j:j + 1, :, oy:oy + c, ox:ox + c].float()
-        crop = F.interpolate(crop, size=(H, W), mode="bicubic", align_corners=False).clamp(0, 255).round().to(x.dtype)
-        if flip and bool(torch.rand(1, generator=g) < 0.5):
-            crop = crop.flip(-1)
-        out[j] = crop[0]
-    return out
-
-
-class TextTokenizer:
-    """The task-side tokenizer: micro word-level, BERT (BLIP, local folder) or open_clip's (CLIP)."""
-
-    def __init__(self, kind: str, path: str | None = None, context_length: int = 77):
-        self.kind = kind
-        if kind == "micro":
-            from tasks.vl_micro import MicroTokenizer
-            self.tok = MicroTokenizer()
-        elif kind == "bert":
-            if not path or not Path(path).is_dir():
-                raise MissingData("BERT tokenizer folder (bert-base-uncased: vocab.txt, tokenizer_config.json)",
-                                  path, "  <folder>/vocab.txt", "Set the card's data.tokenizer_path to a local copy of "
-                                  "bert-base-uncased; nothing is downloaded at run time.")
-            from transformers import BertTokenizer
-            self.path = path
-            self.tok = BertTokenizer.from_pretrained(path)
-            self.tok.add_special_tokens({"bos_token": "[DEC]"})          # BLIP's init_tokenizer: 30522
-            self.tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})   # 30523
-        elif kind == "open_clip":
-            import open_clip
-            self.tok = open_clip.get_tokenizer("ViT-L-14-336")   # the bundled BPE vocabulary: offline
-            self.path = "open_clip's bundled ViT-L-14-336 tokenizer"
-            self.context_length = context_length
-        else:
-            raise BenchError(f"tokenizer must be micro, bert or open_clip, not {kind!r}")
-
-    def check_model(self, model) -> None:
-        """The ids this tokenizer produces fit the model's text embedding (micro: the generator's vocabulary)."""
-        if self.kind != "micro":
-            check_vocab(self.tok, model, self.path, "tokenizer")
-
-    def __call__(self, texts, max_len: int) -> dict:
-        if self.kind == "micro":
-            return self.tok(list(texts), max_len)
-        if self.kind == "bert":
-            enc = self.tok(list(texts), padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
-            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-        ids = self.tok(list(texts), context_length=self.context_length)
-        return {"input_ids": ids, "attention_mask": (ids != 0).long()}
-
-    def decode(self, ids) -> str:
-        if self.kind == "micro":
-            return self.tok.decode(ids)
-        return self.tok.decode(ids, skip_special_tokens=True).strip()
-
-
-# ----------------------------------------------------------------------------------------------------
-# metrics
-# ----------------------------------------------------------------------------------------------------
-
-def recall_at_k(scores_i2t, scores_t2i, txt2img, img2txt) -> dict:
-    """BLIP's itm_eval: scores_i2t (n_img, n_txt), scores_t2i (n_txt, n_img); img2txt[i] = the caption
-    indices of image i, txt2img[t] = the image of caption t. Ranks by numpy argsort descending, as the
-    official code. Returns percentages txt_r1/5/10, img_r1/5/10, their means and r_mean."""
-    scores_i2t, scores_t2i = np.asarray(scores_i2t), np.asarray(scores_t2i)
-    ranks = np.zeros(scores_i2t.shape[0])
-    for index, score in enumerate(scores_i2t):
-        inds = np.argsort(score)[::-1]
-        ranks[index] = min(np.where(inds == i)[0][0] for i in img2txt[index])
-    tr = [100.0 * np.mean(ranks < k) for k in (1, 5, 10)]
-    ranks = np.zeros(scores_t2i.shape[0])
-    for index, score in enumerate(scores_t2i):
-        inds = np.argsort(score)[::-1]
-        ranks[index] = np.where(inds == txt2img[index])[0][0]
-    ir = [100.0 * np.mean(ranks < k) for k in (1, 5, 10)]
-    tr_mean, ir_mean = sum(tr) / 3, sum(ir) / 3
-    out = {"txt_r1": tr[0], "txt_r5": tr[1], "txt_r10": tr[2], "txt_r_mean": tr_mean,
-           "img_r1": ir[0], "img_r5": ir[1], "img_r10": ir[2], "img_r_mean": ir_mean, "r_mean": (tr_mean + ir_mean) / 2}
-    return {k: float(v) for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -336,7 +253,7 @@ class RetrievalData(OptionsModel):
     max_words: PositiveInt = Field(30, description="words a caption keeps (BLIP's pre_caption)")
     max_len: PositiveInt = Field(35, description="bert / micro: tokens per text")
     k_test: PositiveInt | None = Field(None, description="candidates re-ranked by ITM per query (null: 256 COCO, 128 Flickr)")
-    augment: bool | None = Field(None, description="RandomResizedCrop + flip in training (null: paper yes, micro no)")
+    augment: bool | None = Field(None, description="BLIP's RandomResizedCrop + flip in training (null: paper yes, micro no)")
     flops_text_len: PositiveInt = Field(35, description="BLIP: caption tokens of the FLOPs / throughput input")
     n_train: PositiveInt = Field(400, description="micro: training images the generator writes")
     n_val: PositiveInt = Field(50, description="micro: val images")
@@ -352,6 +269,7 @@ class RetrievalTask(TaskAdapter):
                "img_r10": True, "r_mean": True}
     Data = RetrievalData
     MICRO_KEYS = ("n_train", "n_val", "n_test", "image_size", "seed")   # the micro generator's settings
+    RECIPE_KEYS = frozenset({"crop_scale", "randaugment"})   # BLIP's transform_train (tasks.common.blip_augment)
 
     def __init__(self, settings, data_root, profile, cache_dir):
         super().__init__(settings, data_root, profile, cache_dir)
@@ -435,13 +353,13 @@ class RetrievalTask(TaskAdapter):
         g = torch.Generator().manual_seed(int(seed))
         tok = self.tokenizer()
         augment = self.settings.augment if self.settings.augment is not None else self.profile == "paper"
+        transform = TrainTransform.for_recipe(recipe, crop=augment, task=self.name)
         while True:
             perm = torch.randperm(len(pairs), generator=g).tolist()
             for i in range(0, len(pairs) - bs + 1, bs):   # drop_last, as BLIP's loader
                 chunk = [pairs[j] for j in perm[i:i + bs]]
                 x = self._store.batch([c[0] for c in chunk])
-                if augment:
-                    x = random_resized_crop_flip(x, g)
+                x = transform(x, g)                      # crop + flip (augment), RandomAugment (randaugment)
                 enc = tok([c[1] for c in chunk], self.max_len)
                 yield normalise(x), enc["input_ids"], enc["attention_mask"], torch.tensor([c[2] for c in chunk])
 

@@ -9,7 +9,7 @@ scene comes from a small fixed grammar:
     vqa_question(scene, rng)              ("what color is the square ?", "red")
 
 and `MicroTokenizer` is a word-level tokenizer over exactly that grammar's words (BERT-style ids: [CLS] at
-position 0, [SEP] at the end, pad 0). A tiny BLIP/CLIP learns these tasks in a couple of minutes because
+position 0, [SEP] at the end, pad 0; the mechanism is tasks.common.tokenizers.BertStyleWordTokenizer). A tiny BLIP/CLIP learns these tasks in a couple of minutes because
 the answer is a function of a few visual attributes; pruning too much of the vision tower loses colour,
 size or position and the metrics drop.
 
@@ -19,10 +19,10 @@ Bump `GENERATOR_VERSION` when any image or sentence changes: the tasks put it in
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
-import torch
+
+from tasks.common.tokenizers import BertStyleWordTokenizer
 
 GENERATOR_VERSION = 1
 
@@ -214,8 +214,10 @@ def vqa_answer_list() -> list[str]:
 # tokenizer
 # ----------------------------------------------------------------------------------------------------
 
-SPECIALS = ("[PAD]", "[CLS]", "[SEP]", "[MASK]", "[ENC]", "[DEC]", "[UNK]")
-PAD_ID, CLS_ID, SEP_ID, MASK_ID, ENC_ID, DEC_ID, UNK_ID = range(7)
+_T = BertStyleWordTokenizer        # the mechanism and its special ids (tasks.common.tokenizers)
+SPECIALS = _T.SPECIALS
+PAD_ID, CLS_ID, SEP_ID, MASK_ID = _T.pad_token_id, _T.cls_token_id, _T.sep_token_id, _T.mask_token_id
+ENC_ID, DEC_ID, UNK_ID = _T.enc_token_id, _T.dec_token_id, _T.unk_token_id
 
 # Every word the grammar above uses (plus the caption prompt "a picture of" and the digits the VQA
 # normalisation produces), in a fixed order: ids never change unless this list changes.
@@ -228,68 +230,12 @@ WORDS = (
     "0", "1", "2", "3", "4", "5", "6", "7", "8", "9",
 )
 
-_TOKEN_RE = re.compile(r"\[[A-Z]+\]|[a-z0-9]+|[^\sa-z0-9]")
 
-
-class MicroTokenizer:
-    """Word-level tokenizer over the micro grammar, BERT-style output.
+class MicroTokenizer(BertStyleWordTokenizer):
+    """The micro grammar's tokenizer: tasks.common.tokenizers.BertStyleWordTokenizer over exactly WORDS.
 
     tok(texts, max_len) -> {"input_ids": (B, L) long, "attention_mask": (B, L) long} with [CLS] at 0, [SEP]
-    last, pad 0; L = the longest sequence in the batch (BLIP's padding="longest") capped at max_len, or
-    max_len with padding="max_length". Unknown words map to [UNK] (id 6). vocab_size = 512 (the micro
-    model configs' embedding size; ids above len(vocab) are simply never produced)."""
-
-    vocab_size = 512
-    pad_token_id, cls_token_id, sep_token_id, mask_token_id = PAD_ID, CLS_ID, SEP_ID, MASK_ID
-    enc_token_id, dec_token_id, bos_token_id, unk_token_id = ENC_ID, DEC_ID, DEC_ID, UNK_ID
+    last, pad 0; unknown words map to [UNK] (id 6); vocab_size = 512 (the micro model configs')."""
 
     def __init__(self):
-        self.itos = list(SPECIALS) + [w for i, w in enumerate(WORDS) if w not in WORDS[:i]]
-        assert len(self.itos) <= self.vocab_size
-        self.stoi = {w: i for i, w in enumerate(self.itos)}
-
-    def __len__(self) -> int:
-        return len(self.itos)
-
-    def tokenize(self, text: str) -> list[str]:
-        return _TOKEN_RE.findall(text.lower().replace("[pad]", " ").strip()) if text else []
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = [self.stoi.get(w, UNK_ID) for w in self.tokenize(text)]
-        return [CLS_ID] + ids + [SEP_ID] if add_special_tokens else ids
-
-    def __call__(self, texts, max_len: int = 32, padding: str = "longest", add_special_tokens: bool = True) -> dict:
-        if isinstance(texts, str):
-            texts = [texts]
-        if max_len < 2 and add_special_tokens:
-            raise ValueError("max_len must leave room for [CLS] and [SEP]")
-        seqs = []
-        for t in texts:
-            ids = self.encode(t, add_special_tokens)
-            if len(ids) > max_len:   # truncate, keeping [SEP] last (BERT's truncation)
-                ids = ids[:max_len - 1] + [SEP_ID] if add_special_tokens else ids[:max_len]
-            seqs.append(ids)
-        L = max_len if padding == "max_length" else max((len(s) for s in seqs), default=0)
-        input_ids = torch.full((len(seqs), L), PAD_ID, dtype=torch.long)
-        mask = torch.zeros((len(seqs), L), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            input_ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[i, :len(s)] = 1
-        return {"input_ids": input_ids, "attention_mask": mask}
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        """Words of the ids, special tokens dropped (stops at [SEP] or pad, like BLIP's decoding)."""
-        if torch.is_tensor(ids):
-            ids = ids.tolist()
-        words = []
-        for i in ids:
-            i = int(i)
-            if skip_special_tokens and i in (SEP_ID, PAD_ID):
-                break
-            if skip_special_tokens and i < len(SPECIALS):
-                continue
-            words.append(self.itos[i] if 0 <= i < len(self.itos) else "[UNK]")
-        return " ".join(words)
-
-    def batch_decode(self, seqs, skip_special_tokens: bool = True) -> list[str]:
-        return [self.decode(s, skip_special_tokens) for s in seqs]
+        super().__init__(WORDS)

@@ -13,6 +13,10 @@ Layout (BLIP's annotation files, configs/vqa.yaml):
 Training (BLIP's vqa_dataset + vqa_collate_fn): a VQA question's answers are weighted by their frequency
 (each occurrence adds 1/len(answers)); a VG question has its one answer with weight 0.2. The model's
 vqa_loss repeats each question n[i] times for its answers (weighted LM loss of the answer decoder).
+Training images (BLIP's vqa_dataset with transform_train): the paper profile crops (RandomResizedCrop 0.5-1,
+bicubic) and flips every image (torchvision's crop, tasks.common.blip_augment); the recipe keys `crop_scale` (the
+crop's area range, default BLIP's min_scale 0.5) and `randaugment` (BLIP's RandomAugment(n, m) after the flip,
+any profile) complete BLIP's transform_train; the micro profile does not crop or flip.
 Evaluation (BLIP's rank inference, k_test 128): model.rank_answers over the tokenised answer list.
 - a split with answers (micro: "val"): VQA accuracy with the official VQA evaluation (vqaEval.py):
   punctuation and digit/article/contraction normalisation, acc = mean over the 10 leave-one-out subsets of
@@ -40,6 +44,7 @@ from bench.errors import BenchError
 from bench.measure import eval_mode
 from bench.options import NonNegInt, OptionsModel, PositiveInt
 from bench.registry import register_task
+from tasks.common.blip_augment import TrainTransform
 from tasks.micro_data import MARKER, generate_atomically, micro_folder
 from tasks.retrieval import ImageStore, TextTokenizer, check_fields, coco_image_name, normalise, pre_question, read_json
 
@@ -229,6 +234,7 @@ class VqaTask(TaskAdapter):
     layout = LAYOUT
     Data = VqaData
     MICRO_KEYS = ("n_train", "n_val", "n_test", "q_per_image", "image_size", "seed")   # generator settings
+    RECIPE_KEYS = frozenset({"crop_scale", "randaugment"})   # BLIP's transform_train (tasks.common.blip_augment)
 
     def __init__(self, settings, data_root, profile, cache_dir):
         super().__init__(settings, data_root, profile, cache_dir)
@@ -313,6 +319,7 @@ class VqaTask(TaskAdapter):
         bs = min(int(batch_size), len(items))
         g = torch.Generator().manual_seed(int(seed))
         tok = self.tokenizer()
+        transform = TrainTransform.for_recipe(recipe, crop=self.profile == "paper", task=self.name)
         while True:
             perm = torch.randperm(len(items), generator=g).tolist()
             for i in range(0, len(items) - bs + 1, bs):
@@ -326,7 +333,8 @@ class VqaTask(TaskAdapter):
                     n.append(len(a))
                 q = tok([pre_question(it["question"]) for it in chunk], 35)
                 a = tok(answers, 10)
-                yield (normalise(self._store.batch([it["image"] for it in chunk])), q["input_ids"],
+                x = transform(self._store.batch([it["image"] for it in chunk]), g)   # paper: crop + flip
+                yield (normalise(x), q["input_ids"],
                        q["attention_mask"], a["input_ids"], a["attention_mask"], torch.tensor(weights), torch.tensor(n))
 
     def loss(self, model: nn.Module, batch, device, recipe=None) -> torch.Tensor:

@@ -10,8 +10,10 @@ from torch import nn
 
 import tasks.ade20k as ade
 from bench.errors import BenchError, MissingData
-from tasks.ade20k import (ADE20KTask, IGNORE_INDEX, confusion_matrix, generate_micro, predict_probs, read_label,
-                          rescale_size, segmentation_metrics, sliding_window_logits, tta_inputs)
+from metrics.segmentation import IGNORE_INDEX, confusion_matrix, segmentation_metrics
+from tasks.ade20k import ADE20KTask, generate_micro, read_label
+from tasks.common.seg_inference import predict_probs, sliding_window_logits, tta_inputs, window_anchors
+from tasks.common.seg_transforms import batch_train_transform, rescale_size, train_transform
 from tests.conftest import build
 
 SMALL = {"num_classes": 8, "train_images": 6, "val_images": 3, "height": 32, "width": 48, "seed": 3}
@@ -123,8 +125,8 @@ def test_sliding_windows_are_averaged_where_they_overlap():
     with torch.no_grad():
         whole = conv(x[None])[0]
         assert torch.allclose(sliding_window_logits(conv, x, 32, 20), whole, atol=1e-6)
-    assert ade.window_anchors(70, 32, 20) == [0, 20, 38]        # Segmenter: < size - window, then size - window
-    assert ade.window_anchors(64, 64, 60) == [0] and ade.window_anchors(50, 64, 60) == [0]
+    assert window_anchors(70, 32, 20) == [0, 20, 38]        # Segmenter: < size - window, then size - window
+    assert window_anchors(64, 64, 60) == [0] and window_anchors(50, 64, 60) == [0]
 
 
 def test_multiscale_inputs_follow_mmseg_and_segmenter():
@@ -150,14 +152,14 @@ def test_paper_train_transform_crops_pads_and_keeps_labels():
     lab = np.random.default_rng(1).integers(0, 3, (30, 40)).astype(np.uint8)
     lab[:5] = IGNORE_INDEX
     for _ in range(5):
-        x, y = ade.train_transform(img, lab, rng, scale=(128, 32), crop=32, ratio_range=(0.5, 2.0),
-                                   cat_max_ratio=0.75, normalization="vit")
+        x, y = train_transform(img, lab, rng, scale=(128, 32), crop=32, ratio_range=(0.5, 2.0),
+                               cat_max_ratio=0.75, normalization="vit")
         assert x.shape == (3, 32, 32) and y.shape == (32, 32)
         assert set(y.unique().tolist()) <= {0, 1, 2, IGNORE_INDEX}
         assert float(x.abs().max()) <= 1.0 + 1e-6                     # vit normalisation of [0, 1] -> [-1, 1]
     # a resize below the crop size is padded: image 0, label ignore
-    x, y = ade.train_transform(img, lab, rng, scale=(64, 16), crop=32, ratio_range=(1.0, 1.0), cat_max_ratio=None,
-                               normalization="vit")
+    x, y = train_transform(img, lab, rng, scale=(64, 16), crop=32, ratio_range=(1.0, 1.0), cat_max_ratio=None,
+                           normalization="vit")
     assert (y[16:] == IGNORE_INDEX).all() and (x[:, 16:] == 0).all()
 
 
@@ -166,16 +168,16 @@ def test_micro_batch_augmentation():
     x = torch.randint(0, 256, (4, 3, 32, 48), dtype=torch.uint8)
     y = torch.randint(0, 5, (4, 32, 48), dtype=torch.uint8)
     y[:, :, :4] = IGNORE_INDEX
-    img, lab = ade.batch_train_transform(x, y, g, scale=(128, 32), crop=32, ratio_range=(0.5, 2.0), normalization="vit")
+    img, lab = batch_train_transform(x, y, g, scale=(128, 32), crop=32, ratio_range=(0.5, 2.0), normalization="vit")
     assert img.shape == (4, 3, 32, 32) and lab.shape == (4, 32, 32) and lab.dtype == torch.long
     assert set(lab.unique().tolist()) <= {0, 1, 2, 3, 4, IGNORE_INDEX}
     # ratio 1, no padding needed: labels are a crop of the original (possibly flipped)
-    img, lab = ade.batch_train_transform(x, y, g, scale=(128, 32), crop=32, ratio_range=(1.0, 1.0), normalization="vit")
+    img, lab = batch_train_transform(x, y, g, scale=(128, 32), crop=32, ratio_range=(1.0, 1.0), normalization="vit")
     for b in range(4):
         found = any(torch.equal(lab[b], t[:, o:o + 32].long()) for t in (y[b], y[b].flip(-1)) for o in range(17))
         assert found
     # half size: the bottom half of the crop is padding (ignore, image 0)
-    img, lab = ade.batch_train_transform(x, y, g, scale=(64, 16), crop=32, ratio_range=(1.0, 1.0), normalization="vit")
+    img, lab = batch_train_transform(x, y, g, scale=(64, 16), crop=32, ratio_range=(1.0, 1.0), normalization="vit")
     assert (lab[:, 17:] == IGNORE_INDEX).all() and (img[:, :, 17:] == 0).all()
 
 

@@ -49,11 +49,12 @@ def test_random_units_use_somps_per_kind_budget_and_the_cell_seed():
     somp = METHODS.get("somp")()
     rnd = METHODS.get("random")()
     ctx = _ctx("somp", model, adapter)
-    k_somp = somp.prune(ctx)
-    st = ctx.structure
-    r0 = rnd.prune(_ctx("random", model, adapter, seed=0))
-    r0_again = rnd.prune(_ctx("random", model, adapter, seed=0))
-    r1 = rnd.prune(_ctx("random", model, adapter, seed=1))
+    res = somp.prune(ctx)
+    k_somp = res.keep
+    st = res.structure
+    r0 = rnd.prune(_ctx("random", model, adapter, seed=0)).keep
+    r0_again = rnd.prune(_ctx("random", model, adapter, seed=0)).keep
+    r1 = rnd.prune(_ctx("random", model, adapter, seed=1)).keep
     assert _removed_by_kind(st, r0) == _removed_by_kind(st, k_somp)      # the same params per kind as SOMP
     assert all(torch.equal(r0[n], r0_again[n]) for n in r0)              # a seed repeats
     assert any(not torch.equal(r0[n], r1[n]) for n in r0)                # seeds differ
@@ -96,13 +97,14 @@ def test_taylor_method_prunes_at_somps_budget_and_not_by_magnitude():
     adapter, model = build("vit_micro")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ctx = _ctx("taylor", model, adapter, settings={"calibration_batches": 2, "batch_size": 8})
-    keep = METHODS.get("taylor")().prune(ctx)
+    res = METHODS.get("taylor")().prune(ctx)
+    keep = res.keep
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())     # one shot: no weight update
-    st = ctx.structure
-    k_somp = METHODS.get("somp")().prune(_ctx("somp", model, adapter))
+    st = res.structure
+    k_somp = METHODS.get("somp")().prune(_ctx("somp", model, adapter)).keep
     assert _removed_by_kind(st, keep) == _removed_by_kind(st, k_somp)
     assert any(not torch.equal(keep[n], k_somp[n]) for n in keep)
-    assert ctx.info["options"]["criterion"] == "abs_sum"
+    assert res.info["options"]["criterion"] == "abs_sum"
 
 
 def test_taylor_squared_criterion_is_the_mean_of_per_batch_squares():

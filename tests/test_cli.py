@@ -31,6 +31,8 @@ def test_ls(capsys):
     (["flops", "--model", "deit_smal_patch16_224"], "did you mean 'deit_small_patch16_224'"),
     (["ls", "tabels"], "did you mean 'tables'"),
     (["rnu"], "did you mean 'run'"),
+    (["run", "--table", "upop_deit", "--micro-batch", "0"], "--micro-batch '0': give a whole number >= 1"),
+    (["run", "--table", "upop_deit", "--micro-batch", "half"], "or auto"),
 ])
 def test_unknown_names_exit_2(capsys, argv, needle):
     code, out, err = run(capsys, *argv)

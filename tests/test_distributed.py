@@ -276,3 +276,61 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, monkeypatch):
         ft_dp, ft_one = rec["method_info"].get("finetune"), ref["method_info"].get("finetune")
         if ft_one:
             assert ft_dp["final_loss"] == pytest.approx(ft_one["final_loss"], rel=1e-4)
+
+
+# ------------------------------------------------------------------------------- BLIP retrieval on 2 ranks
+
+def _blip_batch():
+    torch.manual_seed(3)
+    x = torch.randn(4, 3, 32, 32)
+    ids = torch.randint(7, 60, (4, 6))
+    ids[:, 0], ids[:, -1] = 1, 2
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0                     # rank 0's second text is shorter: padding differs between the ranks
+    return x, ids, mask
+
+
+def _blip_retrieval_step(rank):
+    """One training forward/backward of BLIP retrieval on this rank's half of a 4-sample batch; returns its
+    queues and the size of the pool the ITM negatives were drawn from."""
+    from tests.conftest import build
+    _, model = build("blip_retrieval_micro")
+    model.train()
+    x, ids, mask = _blip_batch()
+    rows = slice(2 * rank, 2 * rank + 2)
+    ids_r, mask_r = ids[rows], mask[rows]
+    if rank == 0:                       # rank 0 pads only to its own longest text: narrower than rank 1's
+        ids_r, mask_r = ids_r[:, :6], mask_r[:, :6]
+    seen = {}
+    original = model._hard_negatives
+
+    def spy(image_feat, text_feat, idx, meta, pool_idx=None, pool_image=None, pool_text=None):
+        seen["pool"] = int(pool_idx.shape[0])
+        out = original(image_feat, text_feat, idx, meta, pool_idx, pool_image, pool_text)
+        seen["negatives"] = [int(i) for i in torch.cat(out)]
+        return out
+
+    model._hard_negatives = spy
+    loss = model(x[rows], ids_r, mask_r, idx=torch.arange(4)[rows], mode="train")
+    loss.backward()
+    return {"image_queue": model.image_queue[:, :4].clone(), "idx_queue": model.idx_queue[:, :4].clone(),
+            "ptr": int(model.ptr_queue), "pool": seen["pool"], "negatives": seen["negatives"],
+            "grad_finite": all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)}
+
+
+def test_blip_retrieval_queues_and_negatives_span_every_rank(tmp_path):
+    """As the official code (sdc17/UPop models/blip_retrieval.py): the queues take every rank's momentum
+    features and ids, in rank order, and the ITM negatives come from the world batch (negative_all_rank); the
+    enqueued features equal one process's on the whole batch."""
+    from tests.conftest import build
+    ranks = _spawn(_blip_retrieval_step, tmp_path)
+    _, one = build("blip_retrieval_micro")
+    one.train()
+    x, ids, mask = _blip_batch()
+    one(x, ids, mask, idx=torch.arange(4), mode="train")
+    for r in ranks:
+        assert r["ptr"] == 4 and r["pool"] == 4 and r["grad_finite"]
+        assert torch.equal(r["idx_queue"], torch.arange(4).view(1, 4))
+        assert torch.allclose(r["image_queue"], one.image_queue[:, :4], atol=1e-5)
+        assert all(0 <= i < 4 for i in r["negatives"])
+    assert torch.equal(ranks[0]["image_queue"], ranks[1]["image_queue"])

@@ -8,7 +8,8 @@ import torch
 
 from bench.errors import MissingData
 from bench.registry import TASKS
-from tasks.glue import (MICRO_VOCAB_SIZE, WordTokenizer, accuracy, f1_binary, matthews_corr, pearson_spearman)
+from metrics.glue import accuracy, f1_binary, matthews_corr, pearson_spearman
+from tasks.glue import MICRO_VOCAB_SIZE, WordTokenizer
 from tests.conftest import build
 
 GLUE = ["glue_cola", "glue_sst2", "glue_mrpc", "glue_stsb", "glue_qqp", "glue_mnli", "glue_qnli", "glue_rte"]

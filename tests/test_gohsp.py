@@ -116,7 +116,8 @@ def _run_gohsp(p, opts=None, epochs=3.0):
                                 "method": parse_block(GOHSPSettings, s, "gohsp")},
                       device=torch.device("cpu"), seed=0, train=functools.partial(train, task=task, device="cpu", seed=0),
                       log=lambda m: None)
-    keep = METHODS.get("gohsp")().prune(ctx)
+    res = METHODS.get("gohsp")().prune(ctx)
+    keep = res.keep
     return adapter, model, ctx, keep
 
 

@@ -218,7 +218,8 @@ def test_keep_masks_are_pinned(case, one_thread):
     method, make = CASES[case]
     torch.manual_seed(0)
     ctx = make()
-    keep = METHODS.get(method)().prune(ctx)
+    res = METHODS.get(method)().prune(ctx)
+    keep = res.keep
     got = digest(keep)
     if os.environ.get("PIN_PRINT"):
         print(f"\n    {case!r}: {got!r},")

@@ -376,10 +376,11 @@ def test_upop_and_somp_run_on_bert(method):
                       ratio=RatioSpec("x", 0.5), options=opts, settings={"finetune": None, "method": settings},
                       device=torch.device("cpu"), seed=0,
                       train=functools.partial(train, task=task, device="cpu", seed=0), log=lambda m: None)
-    keep = METHODS.get(method)().prune(ctx)
-    st = ctx.structure
+    res = METHODS.get(method)().prune(ctx)
+    keep = res.keep
+    st = res.structure
     counts = kept_param_count(model, st, keep)
-    small = extract(model, adapter, st, keep, ctx.extract_options)
+    small = extract(model, adapter, st, keep, res.extract_options)
     assert measure.count_params(small) == counts["total"]
     removed = counts["dense_total"] - counts["total"]
     assert abs(removed - 0.5 * counts["prunable_dense"]) <= 0.05 * counts["prunable_dense"]

@@ -106,10 +106,11 @@ def test_sgmp_gradual_run():
     adapter, model = build("vit_micro")
     task = TinyTask()
     ctx = _ctx("sgmp", 0.4, model, adapter, task)
-    keep = METHODS.get("sgmp")().prune(ctx)
-    st = ctx.structure
-    events = ctx.info["events"]
-    sched = ctx.info["schedule"]
+    res = METHODS.get("sgmp")().prune(ctx)
+    keep = res.keep
+    st = res.structure
+    events = res.info["events"]
+    sched = res.info["schedule"]
     assert len(events) == sched["n"] + 1
     for e in events:   # every event's target is the cubic schedule value at its step
         assert e["target"] == pytest.approx(cubic_sparsity(e["step"], sched["t0"], sched["dt"], sched["n"], 0, 0.4), abs=1e-6)
@@ -130,7 +131,8 @@ def test_somp_one_shot():
     adapter, model = build("vit_micro")
     ctx = _ctx("somp", 0.3, model, adapter, TinyTask())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    keep = METHODS.get("somp")().prune(ctx)
+    res = METHODS.get("somp")().prune(ctx)
+    keep = res.keep
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # SOMP itself does not train
-    counts = kept_param_count(model, ctx.structure, keep)
-    assert abs(counts["removed"] - 0.3 * counts["prunable_dense"]) <= 2 * max(g.params_per_unit for g in ctx.structure)
+    counts = kept_param_count(model, res.structure, keep)
+    assert abs(counts["removed"] - 0.3 * counts["prunable_dense"]) <= 2 * max(g.params_per_unit for g in res.structure)

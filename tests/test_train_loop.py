@@ -276,16 +276,16 @@ def test_upop_search_resumes_with_its_masks_and_importance(tmp_path):
         ctx = _ctx("upop", 0.5, model, adapter, task, search_epochs=0.75, interval=3, batch_size=16)
         ctx.train = functools.partial(train, task=task, device="cpu", seed=0, phase="upop", state_dir=state_dir,
                                       state_every_steps=3, quiet=True)
-        return METHODS.get("upop")().prune(ctx), ctx, model
+        return METHODS.get("upop")().prune(ctx), model
 
-    keep_ref, ctx_ref, ref = search(TinyTask(), None)
+    res_ref, ref = search(TinyTask(), None)
     with pytest.raises(Stop):
         search(Interrupted(), tmp_path)
     assert [s for s, _ in TrainState(tmp_path, "upop").files()] == [6, 3]
-    keep, ctx, m = search(TinyTask(), tmp_path)
-    assert ctx.info["search"]["train"]["resumed_from_step"] == 6 and ctx.info["search"]["steps"] == 12
-    assert all(torch.equal(keep[n], keep_ref[n]) for n in keep_ref)
-    assert ctx.info["mask_updates"] == ctx_ref.info["mask_updates"]
+    res, m = search(TinyTask(), tmp_path)
+    assert res.info["search"]["train"]["resumed_from_step"] == 6 and res.info["search"]["steps"] == 12
+    assert all(torch.equal(res.keep[n], res_ref.keep[n]) for n in res_ref.keep)
+    assert res.info["mask_updates"] == res_ref.info["mask_updates"]
     assert all(torch.equal(a, b) for a, b in zip(state(m).values(), state(ref).values()))
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
@@ -371,3 +371,57 @@ def test_train_progress_through_log_and_quiet():
     quiet = []
     train(net(), SeqTask(n=80), R(epochs=5, log_every=25), device="cpu", seed=0, log=quiet.append, quiet=True)
     assert [line.split(" loss")[0] for line in quiet] == ["step 25/50", "step 50/50"]   # log_every still works
+
+
+# ---------------------------------------------------------------------------------------------
+# micro_batch_size: auto
+
+class OomTask(SeqTask):
+    """SeqTask whose loss runs out of memory above `fits` samples per forward (a simulated GPU)."""
+
+    def __init__(self, fits, **kw):
+        super().__init__(**kw)
+        self.fits = fits
+
+    def loss(self, model, batch, device, recipe=None):
+        if batch[0].shape[0] > self.fits:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate for {batch[0].shape[0]} samples")
+        return super().loss(model, batch, device, recipe)
+
+
+def test_auto_micro_batch_takes_the_largest_that_fits_and_trains_as_if_given_by_hand(monkeypatch):
+    """Probe 8 (out of memory), 4 (out of memory), 2 (fits): micro-batch 2 with 4 accumulation steps, and the
+    weights, the masks' gradients and the RNG after training equal those of micro_batch_size 2 given by hand
+    (the probe leaves no trace: buffers, gradients and RNG states are put back)."""
+    import bench.training as training
+    monkeypatch.setattr(training, "AUTO_PROBE_DEVICES", ("cuda", "cpu"))
+    logs = []
+    m_auto = net(drop=0.2)
+    stats = train(m_auto, OomTask(fits=2), R(micro_batch_size="auto"), device="cpu", seed=1, log=logs.append,
+                  extra_loss=lambda: 1e-2 * m_auto.mask.abs().sum())
+    after_auto = torch.rand(3)
+    m_hand = net(drop=0.2)
+    ref = train(m_hand, OomTask(fits=2), R(micro_batch_size=2), device="cpu", seed=1,
+                extra_loss=lambda: 1e-2 * m_hand.mask.abs().sum())
+    after_hand = torch.rand(3)
+    assert stats["micro_batch_size"] == 2 and stats["accumulation_steps"] == 4
+    assert [t["micro_batch_size"] for t in stats["micro_batch_probe"]["tried"]] == [8, 4, 2]
+    assert [t["fits"] for t in stats["micro_batch_probe"]["tried"]] == [False, False, True]
+    assert any("micro_batch_size auto -> 2" in line for line in logs)
+    assert all(torch.equal(a, b) for a, b in zip(state(m_auto).values(), state(m_hand).values()))
+    assert torch.equal(m_auto.mask.grad, m_hand.mask.grad) and torch.equal(after_auto, after_hand)
+    assert stats["final_loss"] == ref["final_loss"]
+
+
+def test_auto_micro_batch_on_cpu_is_the_per_rank_batch_and_nothing_fits_is_one_line(monkeypatch):
+    import bench.training as training
+    stats = train(net(), SeqTask(), R(micro_batch_size="auto"), device="cpu", seed=1)
+    assert stats["micro_batch_size"] == 8 and stats["micro_batch_probe"]["probed"] is False
+    monkeypatch.setattr(training, "AUTO_PROBE_DEVICES", ("cuda", "cpu"))
+    with pytest.raises(BenchError, match="not even 1 sample per forward/backward fits"):
+        train(net(), OomTask(fits=0), R(micro_batch_size="auto"), device="cpu", seed=1)
+    with pytest.raises(RuntimeError, match="boom"):   # any other error is not taken for out of memory
+        class Broken(SeqTask):
+            def loss(self, model, batch, device, recipe=None):
+                raise RuntimeError("boom")
+        train(net(), Broken(), R(micro_batch_size="auto"), device="cpu", seed=1)

@@ -85,22 +85,23 @@ def _ctx(method, p, model, adapter, task, options=None, search_epochs=1.0, inter
 def test_search_ends_with_exact_masks_and_exact_extraction(name):
     adapter, model = build("vit_micro")
     ctx = _ctx(name, 0.5, model, adapter, TinyTask(), search_epochs=2.0)
-    keep = METHODS.get(name)().prune(ctx)
+    res = METHODS.get(name)().prune(ctx)
+    keep = res.keep
     masks = {g.name: (ctx.model.get_submodule(g.module).dim_mask if g.kind == "head_dim"
-                      else ctx.model.get_submodule(g.module).neuron_mask) for g in ctx.structure}
+                      else ctx.model.get_submodule(g.module).neuron_mask) for g in res.structure}
     for n, m in masks.items():
         assert bool(((m == 0) | (m == 1)).all()), n          # exactly 0/1 after the final update
         assert int((m == 1).sum()) >= 1                     # at least one unit per module
         assert torch.equal(keep[n], (m == 1).cpu())
-    ups = ctx.info["mask_updates"]
-    assert ups[-1]["step"] == ctx.info["search"]["steps"] - 1 and ups[-1]["mask_value"] == 0.0
+    ups = res.info["mask_updates"]
+    assert ups[-1]["step"] == res.info["search"]["steps"] - 1 and ups[-1]["mask_value"] == 0.0
     if name == "upop":   # progressive: intermediate masks take the value 1 - p_t/p
         assert all(u["mask_value"] == pytest.approx(1 - u["p_t"] / 0.5, abs=1e-5) for u in ups[:-1])
     if name == "upop_unified":
         assert all(u["mask_value"] == 1.0 for u in ups[:-1])
     x = torch.randn(5, 3, 32, 32)
     masked = copy.deepcopy(ctx.model).eval()
-    pruned = extract(copy.deepcopy(ctx.model), adapter, ctx.structure, keep, ctx.extract_options).eval()
+    pruned = extract(copy.deepcopy(ctx.model), adapter, res.structure, keep, res.extract_options).eval()
     with torch.no_grad():
         assert (masked(x) - pruned(x)).abs().max() <= 1e-5
     assert all(b.attn.dim_mask is None and b.mlp.neuron_mask is None for b in pruned.blocks)
@@ -109,8 +110,9 @@ def test_search_ends_with_exact_masks_and_exact_extraction(name):
 def test_uniform_ablation_prunes_every_module_alike():
     adapter, model = build("vit_micro")
     ctx = _ctx("upop_uniform", 0.5, model, adapter, TinyTask())
-    keep = METHODS.get("upop_uniform")().prune(ctx)
-    fr = {g.name: int(keep[g.name].sum()) / g.size for g in ctx.structure}
+    res = METHODS.get("upop_uniform")().prune(ctx)
+    keep = res.keep
+    fr = {g.name: int(keep[g.name].sum()) / g.size for g in res.structure}
     assert set(round(v, 6) for v in fr.values()) == {0.5}
 
 
@@ -156,8 +158,9 @@ def deit_small_searched():
             model = copy.deepcopy(dense)
             ctx = _ctx("upop", p, model, adapter, task, options={"threshold_rule": rule},
                        search_epochs=2, interval=1, batch_size=2)
-            keep = METHODS.get("upop")().prune(ctx)
-            out[rule, p] = kept_param_count(dense, ctx.structure, keep)["total"] / 1e6
+            res = METHODS.get("upop")().prune(ctx)
+            keep = res.keep
+            out[rule, p] = kept_param_count(dense, res.structure, keep)["total"] / 1e6
     return out
 
 
@@ -197,17 +200,18 @@ def test_official_36_weights_report_the_ratio_in_weighted_units():
     record carries that check instead of the params one."""
     adapter, model = build("vit_micro")
     ctx = _ctx("upop", 0.5, model, adapter, TinyTask(), options={"weights": "official_36"})
-    keep = METHODS.get("upop")().prune(ctx)
-    rc = ctx.info["ratio_check"]
-    groups = list(ctx.structure)
+    res = METHODS.get("upop")().prune(ctx)
+    keep = res.keep
+    rc = res.info["ratio_check"]
+    groups = list(res.structure)
     total = sum(g.size * (36 if g.kind == "head_dim" else 1) for g in groups)
     removed = sum(int((~keep[g.name]).sum()) * (36 if g.kind == "head_dim" else 1) for g in groups)
     assert rc["target"] == 0.5 * total and rc["achieved"] == removed
     assert rc["tolerance"] == 72 + rc["kept_by_min_one_rule"]
     assert abs(rc["achieved"] - rc["target"]) <= rc["tolerance"]
     ctx2 = _ctx("upop", 0.5, build("vit_micro")[1], adapter, TinyTask())
-    METHODS.get("upop")().prune(ctx2)
-    assert "ratio_check" not in ctx2.info       # exact weights: p is a fraction of params, checked on params
+    res2 = METHODS.get("upop")().prune(ctx2)
+    assert "ratio_check" not in res2.info       # exact weights: p is a fraction of params, checked on params
 
 
 def test_min_one_unit_rule_is_reported_as_protected():

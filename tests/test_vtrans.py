@@ -94,19 +94,20 @@ def test_lagrangian_reaches_the_target_on_a_short_micro_run():
     torch.manual_seed(0)
     ctx, method = _ctx("vtrans", 0.5)
     dense = sum(q.numel() for q in ctx.model.parameters())
-    keep = method.prune(ctx)
-    ph = ctx.info["phase1"]
+    res = method.prune(ctx)
+    keep = res.keep
+    ph = res.info["phase1"]
     assert ph["steps"] == 160
     # the expected sparsity of the soft masks ends within 1% of the target
     assert abs(ph["final_expected_sparsity"] - 0.5) <= 0.01, ph["history"]
-    assert ctx.info["compression_s"] > 0 and method.finetune
+    assert res.info["compression_s"] > 0 and res.finetune
     # hard pruning: the extracted model has the target size within one unit (here < 1%)
-    st = ctx.structure
-    extract(ctx.model, ctx.adapter, st, keep, ctx.extract_options)
+    st = res.structure
+    extract(ctx.model, ctx.adapter, st, keep, res.extract_options)
     got = sum(q.numel() for q in ctx.model.parameters())
     assert abs((dense - got) / dense - 0.5) <= 0.01
     assert abs((dense - got) - 0.5 * dense) <= max(g.params_per_unit for g in st if g.kind != "layer")
-    assert ctx.info["hard"]["achieved_sparsity"] == pytest.approx((dense - got) / dense, abs=1e-6)
+    assert res.info["hard"]["achieved_sparsity"] == pytest.approx((dense - got) / dense, abs=1e-6)
     out = ctx.task.forward(ctx.model, next(ctx.task.train_batches(4, 0)), "cpu")
     assert out.logits.shape == (4, 2) and torch.isfinite(out.logits).all()
 
@@ -116,15 +117,15 @@ def test_faster_trains_only_masks_and_fast_uses_three_percent():
     ctx, method = _ctx("faster_vtrans", 0.4, settings={"epochs": 1})
     q = "bert.encoder.layer.0.attention.self.query.weight"     # no mask folds into it
     before = dict(ctx.model.named_parameters())[q].detach().clone()
-    method.prune(ctx)
+    res = method.prune(ctx)
     assert torch.equal(dict(ctx.model.named_parameters())[q], before)
-    assert method.finetune is False and ctx.info["phase1"]["train_weights"] is False
+    assert res.finetune is False and res.info["phase1"]["train_weights"] is False
 
     ctx, method = _ctx("fast_vtrans", 0.4, settings={"epochs": 2, "batch_size": 4}, train_size=400)
-    method.prune(ctx)
-    assert ctx.info["phase1"]["subset"] == 0.03
-    assert ctx.info["phase1"]["steps"] == 2 * (12 // 4)       # 3% of 400 = 12 examples, batch 4
-    assert method.finetune is True and ctx.info["hard"]["achieved_sparsity"] == pytest.approx(0.4, abs=0.02)
+    res = method.prune(ctx)
+    assert res.info["phase1"]["subset"] == 0.03
+    assert res.info["phase1"]["steps"] == 2 * (12 // 4)       # 3% of 400 = 12 examples, batch 4
+    assert res.finetune is True and res.info["hard"]["achieved_sparsity"] == pytest.approx(0.4, abs=0.02)
 
 
 def test_bad_options_are_clear_errors():
@@ -155,7 +156,7 @@ def test_flops_model_matches_the_counter_without_norms(arch):
     adapter, model = build(arch)
     st = adapter.structure(model, ["hidden", "head", "ffn"])
     n = 16
-    fm = FlopsModel(model, st, n)
+    fm = FlopsModel(model, st, n, adapter.geometry(model))
     ids = torch.ones(1, n, dtype=torch.long)
     res = measure.count_macs(model, (ids,))
     no_norm = res["macs"] - res["by_kind"].get("norm", 0)

@@ -58,10 +58,11 @@ def test_wanda_sp_prunes_every_family(family):
     getattr(task, "prepare", lambda: None)()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ctx = _ctx(adapter, model, task, 0.3)
-    keep = METHODS.get("wanda_sp")().prune(ctx)
+    res = METHODS.get("wanda_sp")().prune(ctx)
+    keep = res.keep
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)       # calibration changes nothing
-    st = ctx.structure
+    st = res.structure
     assert st.kinds() == ["ffn", "head_dim"]
     for kind in ("head_dim", "ffn"):            # per_type: p of each kind's params, within one unit
         groups = [g for g in st if g.kind == kind]
@@ -69,7 +70,7 @@ def test_wanda_sp_prunes_every_family(family):
         removed = sum(int((~keep[g.name]).sum()) * g.params_per_unit for g in groups)
         assert abs(removed - 0.3 * total) <= groups[0].params_per_unit / 2 + 1e-6, kind
     dense = kept_param_count(model, st, st.full_keep())["total"]
-    small = extract(copy.deepcopy(model), adapter, st, keep, ctx.extract_options).eval()
+    small = extract(copy.deepcopy(model), adapter, st, keep, res.extract_options).eval()
     assert sum(q.numel() for q in small.parameters()) == kept_param_count(model, st, keep)["total"] < dense
     with torch.no_grad():
         loss = task.loss(small, next(task.train_batches(4, 0)), "cpu")
@@ -105,7 +106,7 @@ def test_wanda_score_is_weight_times_input_norm():
 def test_wanda_sp_masks_are_pinned():
     torch.manual_seed(0)
     adapter, model, task = _family("vit")
-    keep = METHODS.get("wanda_sp")().prune(_ctx(adapter, model, task, 0.4))
+    keep = METHODS.get("wanda_sp")().prune(_ctx(adapter, model, task, 0.4)).keep
     assert digest(keep) == PINNED
 
 

@@ -1,2 +1,11 @@
-"""Helpers shared by the task adapters: reading and checking the files of a real data set (files.py) and
-checking a tokenizer against the model's embedding (tokenizers.py)."""
+"""Helpers shared by the task adapters, one concern per module:
+
+  files.py           reading and checking the files of a real data set
+  tokenizers.py      the tokenizers several tasks use (micro word-level, BLIP's BERT, the VL tasks' TextTokenizer)
+                     and the check of a tokenizer against the model's embedding
+  scenes.py          synthetic scenes of the micro data sets (the micro ADE20K's renderer)
+  seg_transforms.py  semantic-segmentation training transforms and normalisation (Segmenter's pipeline)
+  seg_inference.py   semantic-segmentation sliding-window and multi-scale + flip inference
+  blip_augment.py    BLIP's training transform (RandomResizedCrop + flip + BLIP's RandomAugment) of the VL tasks
+
+Metric functions are in the top-level `metrics` package."""

@@ -6,8 +6,9 @@ declared here, with what it must do; a new family, task or method implements the
                 activation masks on the structure's groups). The only code that knows module names and
                 config attributes.
 - TaskAdapter   (tasks/<task>.py): data layout, micro generator, batches, loss, metrics, the model's inputs
-                (`dummy_inputs`, `flops_forwards`, `sequence_length`, `token_shape`) and, for methods that
-                read model outputs (distillation), `forward` -> ModelOutput. The only code that opens a batch.
+                (`dummy_inputs`, `flops_forwards`, `sequence_length`, `token_shape`), what `bench plan` needs
+                without the data (`public_train_size`, `plan_train_forward`) and, for methods that read model
+                outputs (distillation), `forward` -> ModelOutput. The only code that opens a batch.
 - Method        (methods/<name>.py): takes a CellContext (model, adapter, structure, task, target ratio) and
                 returns a PruneResult (keep-masks per unit group, the structure they refer to, extraction
                 options, what to record, whether the runner finetunes), training the model as its paper says.
@@ -106,15 +107,12 @@ class ModelAdapter:
         raise BenchError(f"model family {self.family or type(self).__name__} does not implement drop_path")
 
     def example_inputs(self, batch_size: int, device) -> tuple:
-        """Inputs for `bench flops --model` / `bench speed --model` without a card: an image batch of the
-        config's img_size. Families with other inputs override this, or say which command counts them."""
-        size = self.config.get("img_size")
-        if size is None:
-            from bench.errors import BenchError
-            raise BenchError(f"{self.arch} does not take a plain image batch, so it cannot be counted without a "
-                             f"card's inputs: use `python -m bench flops --table <card>` with a card that uses it")
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        return (torch.zeros(batch_size, self.config.get("in_chans", 3), h, w, device=device),)
+        """Inputs for `bench flops --model` / `bench speed --model` without a card (a family whose model takes
+        one plain input, e.g. an image batch of its img_size, implements it). Default: one clear line saying
+        which command counts it instead."""
+        from bench.errors import BenchError
+        raise BenchError(f"{self.arch} does not take one plain input, so it cannot be counted without a card's "
+                         f"inputs: use `python -m bench flops --table <card>` with a card that uses it")
 
     # unit kind -> attribute of the group's module that its forward multiplies (families with activation masks)
     MASK_ATTRS: dict = {}
@@ -236,12 +234,21 @@ class TaskAdapter:
         command builds the task without preparing it) and must run on `meta`."""
         return {"inference": (self.dummy_inputs(model_config, 1, device), {})}
 
-    @staticmethod
-    def image_inputs(model_config: dict, batch_size: int, device, default_size) -> tuple:
-        """(randn(B, C, H, W),) for image models: size from the model's img_size (int or (H, W))."""
-        size = model_config.get("img_size", default_size)
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        return (torch.randn(batch_size, model_config.get("in_chans", 3), h, w, device=device),)
+    def public_train_size(self, data: dict) -> tuple:
+        """(samples per epoch, exact?, source text) of the public training split under a cell's raw `data:`
+        settings (the plain dict the card and profile give, unset keys absent), for `bench plan` when the data is
+        not on disk: samples as this task counts them per epoch; exact False where the published number is an
+        estimate; the source says where the number comes from. Must not need the data on disk. Default: not
+        known (BenchError; `--train-size N` overrides)."""
+        from bench.errors import BenchError
+        raise BenchError(f"bench plan: no public training-set size for task {self.name!r}; pass --train-size N")
+
+    def plan_train_forward(self, model_config: dict, device) -> tuple | None:
+        """(label, (args, kwargs)) of one training sample's forward, for `bench plan`'s training MACs and
+        activations, where the paper's FLOPs protocol (the first `flops_forwards` entry) is not one training
+        sample (a protocol of many questions, an evaluation window of another length). Must not need the data
+        on disk and must run on `meta`. Default None: the first `flops_forwards` entry."""
+        return None
 
     def fingerprint(self) -> dict:
         """What identifies the data for caching (layout version, sizes, generator seed)."""

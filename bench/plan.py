@@ -14,21 +14,22 @@ What is exact and what is estimated
   stage: `gohsp.admm_epochs` at `gohsp.batch_size`, plus its calibration forwards; VTrans's phase 1:
   `vtrans.epochs` at `vtrans.batch_size` on `subset` of the data; SGMP's gradual run: the finetune budget on the
   masked, still dense-size model) and the finetune after extraction (`finetune:`, per-ratio budgets included).
-- **Training-set size**: tasks know it only with the data on disk, so a profile that reads a folder uses the
-  public sizes below (`TRAIN_SIZES`, each with its source; "approximate" where the number is not exact); a
-  synthetic (micro) profile asks the task (its generator is small and cached); a task class may carry a better
-  number as `plan_train_size` (an int, or a callable `(task, cfg) -> int`), and `--train-size N` overrides all.
+- **Training-set size**: tasks count it only with the data on disk, so a profile that reads a folder uses the
+  public size the task declares (`TaskAdapter.public_train_size(data)`: samples per epoch under the cell's
+  `data:` settings, with its source; "approximate" where the number is not exact); a synthetic (micro) profile
+  asks the task (its generator is small and cached); `--train-size N` overrides both.
 - **Training MACs per optimizer step** (estimate): `3 x forward MACs of one sample x effective batch`: the
   backward pass costs about 2x the forward (activation gradients + weight gradients), the usual convention
   (Kaplan et al. 2020: 6 FLOPs per parameter per token = 3 x the 2N forward). A phase whose weights are frozen
   (Faster-VTrans) costs 2x (no weight gradients); a distillation teacher adds 1x (forward only); calibration
   forwards cost 1x. The forward is the suite's own counter (`bench.measure.count_macs`, fvcore convention:
   1 multiply-add = 1 MAC, attention matmuls and norms included, element-wise ops free) on `meta`, of the
-  paper-protocol forward of one sample (`task.flops_forwards`, first entry), except where that is not one
-  training sample: VQA (the protocol has 32 questions x 47 answers: one question + one answer is used),
-  WikiText-2 (one training window of `train_seq_len`, not the evaluation window), and GLUE (one sequence of
-  `max_len`: an upper bound, training pads to the batch's longest). BLIP/CLIP retrieval's training forward
-  includes the momentum encoders, which run forward only: 3x overcounts their share (about 1/3 of it).
+  paper-protocol forward of one sample (`task.flops_forwards`, first entry), except where the task says that
+  is not one training sample and gives its own (`TaskAdapter.plan_train_forward`: a protocol of many questions
+  cut to one, a training window of another length than the evaluation window, a full-length sequence as an
+  upper bound; the task's docstring says which and why). A protocol forward that includes modules which run
+  forward only in training (momentum encoders) is overcounted by the 3x convention: the task's
+  `flops_forwards` says so where it applies.
   The dense model's MACs are used for dense phases (dense training, UPop's search, GOHSP's ADMM, VTrans's
   phase 1, SGMP's gradual run); after extraction the MACs of a model pruned on `meta` are used: every unit
   group of the method's kinds (head_dim or head, and ffn) keeps the same fraction of its units, chosen so that
@@ -94,72 +95,6 @@ DEFAULT_GPUS = 1
 DEFAULT_GPU_MEMORY = 80.0     # GiB (an "80GB" A100 has 80 x 2^30 bytes)
 DEFAULT_UTILIZATION = 0.4
 DEFAULT_GPU_TFLOPS = 312.0    # A100 dense bf16 tensor-core peak
-
-# ---------------------------------------------------------------------------------------------
-# public training-set sizes (samples per epoch as the suite's tasks count them)
-
-GLUE_TRAIN = {   # the GLUE train splits as distributed (GLUE benchmark / HF `glue`), examples
-    "glue_cola": 8_551, "glue_sst2": 67_349, "glue_mrpc": 3_668, "glue_stsb": 5_749,
-    "glue_qqp": 363_846, "glue_mnli": 392_702, "glue_qnli": 104_743, "glue_rte": 2_490,
-}
-VQA_FILES = {   # BLIP's annotation files, one entry per question
-    "vqa_train": (443_757, True, "VQAv2 train questions"),
-    "vqa_val": (214_354, True, "VQAv2 val questions"),
-    "vg_qa": (1_700_000, False, "Visual Genome QA: its published ~1.7 M QA pairs; BLIP's vg_qa.json keeps only "
-                                "questions with an answer in its list, so this is an upper bound"),
-}
-# WikiText-2 raw train split in tokens: the official 2,088,628 words; BPE tokenizers give more. Approximate:
-# each tokenizer's known test-split count (GPT-2 287,644; LLaMA 341,469) x the train/test word ratio (8.505).
-WIKITEXT2_TRAIN_TOKENS = {"gpt2": 2_446_000, "llama": 2_904_000, None: 2_088_628}
-
-TRAIN_SIZES: dict = {
-    "imagenet": (1_281_167, True, "ImageNet-1k (ILSVRC-2012) train images"),
-    "nlvr2": (86_373, True, "NLVR2 train pairs (BLIP's nlvr_train.json)"),
-    "caption_coco": (566_747, True, "COCO Karpathy train captions (BLIP's coco_karpathy_train.json: one entry "
-                                    "per caption, 113,287 images)"),
-    "retrieval_coco": (566_747, True, "COCO Karpathy train captions (BLIP's coco_karpathy_train.json: one entry "
-                                      "per caption, 113,287 images)"),
-    "retrieval_flickr": (145_000, True, "Flickr30k train captions (29,000 images x 5, BLIP's flickr30k_train.json)"),
-    "ade20k": (20_210, True, "ADE20K (SceneParsing 2016) training images"),
-}
-
-
-def public_train_size(task_name: str, cfg: dict, task=None) -> tuple:
-    """(samples per epoch, exact?, source) of a task's public training split under a cell's data settings."""
-    data = cfg.get("data") or {}
-    if task_name in TRAIN_SIZES:
-        return TRAIN_SIZES[task_name]
-    if task_name == "cifar10":
-        hold = int(data.get("holdout", 5000) or 0)
-        return 50_000 - hold, True, f"CIFAR-10 train 50,000 minus the suite's holdout of {hold:,}"
-    if task_name in GLUE_TRAIN:
-        hold = int(data.get("holdout", 0) or 0)
-        n = GLUE_TRAIN[task_name] - hold
-        return n, True, f"GLUE {task_name[5:].upper()} train {GLUE_TRAIN[task_name]:,}" + \
-            (f" minus the holdout of {hold:,}" if hold else "")
-    if task_name == "vqa":
-        files = data.get("train_files") or ["vqa_train", "vqa_val", "vg_qa"]
-        n, exact, parts = 0, True, []
-        for f in files:
-            if f not in VQA_FILES:
-                raise BenchError(f"bench plan: the size of the VQA training file {f!r} is unknown; pass --train-size N")
-            c, ex, what = VQA_FILES[f]
-            n, exact = n + c, exact and ex
-            parts.append(f"{f} {c:,} ({what}{'' if ex else ', approximate'})")
-        return n, exact, "BLIP's VQA training files: " + " + ".join(parts)
-    if task_name == "wikitext2_ppl":
-        seq = int(getattr(task, "train_seq_len", None) or data.get("train_seq_len") or data.get("seq_len") or 2048)
-        calib = data.get("calib_samples", "all")
-        if isinstance(calib, int):
-            return calib, True, f"WikiText-2: calib_samples {calib:,} random windows of {seq} tokens"
-        tok = str(data.get("tokenizer") or "").lower()
-        key = "llama" if "llama" in tok else "gpt2" if "gpt2" in tok else None
-        tokens = WIKITEXT2_TRAIN_TOKENS[key]
-        return tokens // seq, False, (f"WikiText-2 raw train: ~{tokens:,} {key or 'word'} tokens (approximate) / "
-                                      f"{seq}-token windows")
-    raise BenchError(f"bench plan: no public training-set size for task {task_name!r}; pass --train-size N "
-                     f"(or give the task class a `plan_train_size`)")
-
 
 def optimizer_steps(epochs: float, train_size: int, batch_size: int) -> int:
     """Optimizer steps of `epochs` passes over `train_size` samples at `batch_size` per step, as
@@ -255,44 +190,15 @@ def activation_bytes(model: nn.Module, args: tuple, kwargs: dict | None = None, 
 
 
 # ---------------------------------------------------------------------------------------------
-# the per-sample training forward of each task
+# the per-sample training forward
 
-def _vqa_forward(task, config, device, forwards):
-    """BLIP VQA: the protocol's training forward cut to one question and one answer."""
-    label, (args, kwargs) = next(iter(forwards.items()))
-    img, q, qm, a, am = args
-    kw = dict(kwargs)
-    kw["weights"] = kw["weights"][:1]
-    kw["n"] = [1]
-    return (f"training forward, 1 image {img.shape[-1]} + 1 question ({q.shape[1]} tokens) + 1 answer "
-            f"({a.shape[1]} tokens)"), ((img, q[:1], qm[:1], a[:1], am[:1]), kw)
-
-
-def _lm_forward(task, config, device, forwards):
-    seq = int(task.train_seq_len)
-    vocab = int(config.get("vocab_size", 8))
-    return (f"training forward, 1 window of {seq} tokens (train_seq_len)",
-            ((torch.full((1, seq), min(3, vocab - 1), dtype=torch.long, device=device),), {}))
-
-
-def _glue_forward(task, config, device, forwards):
-    label, fw = next(iter(forwards.items()))
-    return f"{label}; upper bound: training pads to the batch's longest", fw
-
-
-TRAIN_FORWARDS: dict = {"vqa": _vqa_forward, "wikitext2_ppl": _lm_forward, **{k: _glue_forward for k in GLUE_TRAIN}}
-
-
-def train_forward(task, task_name: str, config: dict, device) -> tuple:
-    """(label, (args, kwargs)) of one training sample's forward: the task's `plan_train_forward(config, device)`
-    if it has one, else the suite's rule for the task (above), else the paper FLOPs protocol (first entry)."""
-    own = getattr(task, "plan_train_forward", None)
-    if callable(own):
-        return own(config, device)
-    forwards = task.flops_forwards(config, device)
-    if task_name in TRAIN_FORWARDS:
-        return TRAIN_FORWARDS[task_name](task, config, device, forwards)
-    label, fw = next(iter(forwards.items()))
+def train_forward(task, config: dict, device) -> tuple:
+    """(label, (args, kwargs)) of one training sample's forward: the task's `plan_train_forward(config, device)`,
+    or where it gives None, the paper FLOPs protocol (the first `flops_forwards` entry)."""
+    own = task.plan_train_forward(config, device)
+    if own is not None:
+        return own
+    label, fw = next(iter(task.flops_forwards(config, device).items()))
     return label, fw
 
 
@@ -372,7 +278,7 @@ class ModelCosts:
         cfg_key = json.dumps(config, sort_keys=True, default=str)
         key = (arch, cfg_key, task_name, id(task), json.dumps(prune, sort_keys=True))
         if key not in self._cache:
-            self._cache[key] = self._count(arch, config, cfg_key, task, task_name, prune)
+            self._cache[key] = self._count(arch, config, cfg_key, task, prune)
         return self._cache[key]
 
     def _dense_model(self, arch, config, cfg_key):
@@ -388,7 +294,7 @@ class ModelCosts:
         adapter, model = self._models[(arch, cfg_key)]
         return adapter, copy.deepcopy(model)
 
-    def _count(self, arch, config, cfg_key, task, task_name, prune):
+    def _count(self, arch, config, cfg_key, task, prune):
         import warnings
 
         from bench.measure import count_macs, count_params
@@ -413,7 +319,7 @@ class ModelCosts:
                 out["prunable_params"] = kept_param_count(model, st, st.full_keep())["prunable_dense"]
             except Exception:  # noqa: BLE001
                 out["prunable_params"] = dense_params
-        label, (args, kwargs) = train_forward(task, task_name, config, meta)
+        label, (args, kwargs) = train_forward(task, config, meta)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out["fwd_macs"] = count_macs(model, args, kwargs)["macs"]
@@ -579,15 +485,10 @@ def plan_table(table: str, profile: str = "paper", gpus: int = DEFAULT_GPUS, gpu
 def _train_size(task, cfg, override) -> tuple:
     if override:
         return int(override), True, "--train-size"
-    own = getattr(type(task), "plan_train_size", None)
-    if own is not None and not isinstance(own, property):
-        n = own(task, cfg) if callable(own) else own
-        if n:
-            return int(n), True, f"{cfg['task']}.plan_train_size"
     if cfg.get("data_source") == "synthetic":
         # the micro generator's own count (generates the small synthetic set into the cache once)
         return int(task.steps_per_epoch(1)), True, f"{cfg['task']} synthetic (micro) training split"
-    return public_train_size(cfg["task"], cfg, task)
+    return task.public_train_size(cfg.get("data") or {})
 
 
 def check_settings(gpus, gpu_memory, utilization, gpu_tflops, train_size=None) -> None:

@@ -117,6 +117,14 @@ class UPopSettings(OptionsModel):
     drop_path: Fraction | None = Field(
         None, description="stochastic depth of the search model, as the recipe key (official: 0.1 for BLIP NLVR2/VQA "
                           "and DeiT, none for caption/retrieval; none: the model's own)")
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="the search's optimizer, as the recipe key (official: AdamW for BLIP/CLIP/DeiT, SGD with "
+                             "Nesterov momentum for Segmenter, compress_segmenter.py l. 235-244); the masks are never in it")
+    momentum: Fraction = Field(0.9, description="SGD momentum of the search (optimizer sgd)")
+    nesterov: bool = Field(False, description="SGD with Nesterov momentum in the search (optimizer sgd)")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="the search's precision, as the recipe key (auto: bf16 on CUDA, fp32 on CPU; the official "
+                            "searches run fp32); fp16 is refused: its GradScaler would scale the masks' gradients")
 
 
 def progress(t: int, total: int) -> float:
@@ -270,6 +278,7 @@ class UPop(Method):
         stats = ctx.train(ctx.model, epochs=s.search_epochs, lr=s.lr, min_lr=s.lr, warmup_epochs=0,
                           batch_size=s.batch_size, weight_decay=s.weight_decay,
                           weight_decay_groups=s.weight_decay_groups, drop_path=s.drop_path,
+                          optimizer=s.optimizer, momentum=s.momentum, nesterov=s.nesterov, precision=s.precision,
                           # the official search iterates the retrain's train_loader (BLIP's transform_train, e.g.
                           # compress_nlvr.py l. 181, 208, 250): its batches get the finetune block's randaugment
                           randaugment=ft.randaugment if ft is not None else None,

@@ -231,6 +231,12 @@ class SegmenterAdapter(VitAdapter):
         return Segmenter(encoder, decoder, n_cls, P, (img[0] // P, img[1] // P))
 
     # ------------------------------------------------------------------------------------------ structure
+    def example_inputs(self, batch_size, device):
+        """A zero image batch of the config's img_size (int or (H, W))."""
+        size = self.config["img_size"]
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (torch.zeros(batch_size, self.config.get("in_chans", 3), h, w, device=device),)
+
     def structure(self, model, kinds=None) -> Structure:
         """VitAdapter's head_dim / head / ffn groups of the encoder's blocks, then of the decoder's blocks,
         re-rooted at `encoder.` / `decoder.`, with the layer index continuing from the encoder into the

@@ -13,6 +13,8 @@ Unit kinds: `head_dim` (UPop's shared head-dim units), `head` (whole heads), `ff
 """
 from __future__ import annotations
 
+import torch
+
 import torch.nn.functional as F
 from timm.layers import Mlp
 from timm.layers.attention import Attention
@@ -118,6 +120,12 @@ class VitAdapter(ModelAdapter):
         attn = model.blocks[0].attn
         return Geometry(width=int(model.embed_dim), heads=int(attn.num_heads), head_dim=int(attn.head_dim),
                         layers=len(model.blocks))
+
+    def example_inputs(self, batch_size, device):
+        """A zero image batch of the config's img_size (int or (H, W))."""
+        size = self.config["img_size"]
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (torch.zeros(batch_size, self.config.get("in_chans", 3), h, w, device=device),)
 
     def structure(self, model, kinds=None) -> Structure:
         kinds = set(kinds or self.UNIT_KINDS)

@@ -63,6 +63,7 @@ from tasks.common.scenes import MICRO_CLASSES, MICRO_SCENE, render_micro_scene
 from tasks.common.seg_inference import predict_probs
 from tasks.common.seg_transforms import batch_train_transform, normalize, train_transform
 from tasks.micro_data import generate_atomically, micro_folder
+from tasks.common.protocol_inputs import image_batch
 
 LAYOUT_VERSION = 1
 GENERATOR_VERSION = 1          # bump when the micro scenes (tasks.common.scenes) change: part of the folder hash
@@ -455,7 +456,10 @@ class ADE20KTask(TaskAdapter):
 
     # ---------------------------------------------------------------- measuring and caching
     def dummy_inputs(self, model_config: dict, batch_size: int, device) -> tuple:
-        return self.image_inputs(model_config, batch_size, device, self.crop_size)
+        return image_batch(model_config, batch_size, device, self.crop_size)
+
+    def public_train_size(self, data: dict) -> tuple:
+        return 20_210, True, "ADE20K (SceneParsing 2016) training images"
 
     def fingerprint(self) -> dict:
         fp = {"task": self.name, "profile": self.profile, "layout_version": LAYOUT_VERSION,

@@ -31,9 +31,14 @@ from bench.errors import BenchError
 from bench.measure import eval_mode
 from bench.options import PositiveInt
 from bench.registry import register_task
-from tasks.retrieval import CocoRetrievalTask, RetrievalData, check_fields, normalise, read_json
+from tasks.retrieval import COCO_KARPATHY_TRAIN, CocoRetrievalTask, RetrievalData, check_fields, normalise, read_json
 
 PROMPT = "a picture of "
+# The text of the official FLOPs protocol (UPop's utils.print_params_and_flops, fvcore, batch of one image) and
+# its bert-base-uncased token count ([CLS] and [SEP] included). The ids themselves do not change the count, only
+# the length matters:
+CAPTION_SENTENCE = "a picture of car driving down a road behind a lot of sheep"
+CAPTION_TOKENS = 15
 
 
 class CaptionData(RetrievalData):
@@ -189,10 +194,20 @@ class CaptionTask(CocoRetrievalTask):
         return (torch.randn(batch_size, 3, s, s, device=device), ids, torch.ones_like(ids))
 
     def flops_forwards(self, model_config: dict, device) -> dict:
-        """Spec §5: the teacher-forced LM-loss forward on 1 image 384 + "a picture of car driving down a
-        road behind a lot of sheep" (models.blip.paper_flops_inputs), then the inference-only count."""
-        from models.blip import paper_flops_inputs
-        return paper_flops_inputs("caption", model_config, device)
+        """Spec §5 (upop.md): the teacher-forced LM-loss forward on 1 image 384 + "a picture of car driving down
+        a road behind a lot of sheep" (CAPTION_SENTENCE, CAPTION_TOKENS tokens), then the inference-only count.
+        Image size from the model config."""
+        from tasks.common.protocol_inputs import ids_of_length
+        s = model_config["image_size"]
+        ids, mask = ids_of_length(CAPTION_TOKENS, 1, model_config, device)
+        return {f"paper: training-style forward (LM loss), 1 image {s} + 1 caption ({CAPTION_TOKENS} tokens)":
+                ((torch.randn(1, 3, s, s, device=device), ids, mask), {"mode": "train"}),
+                f"inference: encoder + one teacher-forced decoder pass, 1 image {s} + {CAPTION_TOKENS} tokens":
+                ((torch.randn(1, 3, s, s, device=device), ids, mask), {"mode": "inference"})}
+
+    def public_train_size(self, data: dict) -> tuple:
+        """BLIP's coco_karpathy_train.json, the file retrieval_coco trains on (COCO_KARPATHY_TRAIN)."""
+        return COCO_KARPATHY_TRAIN
 
     def fingerprint(self) -> dict:
         fp = super().fingerprint()

@@ -49,6 +49,7 @@ from bench.recipe import TASK_RECIPE_KEYS
 from bench.registry import register_task
 from tasks.augment import PrivateRNG, classification_loss, mixup_for
 from tasks.micro_data import generate_atomically, micro_folder
+from tasks.common.protocol_inputs import image_batch
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -314,7 +315,12 @@ class Cifar10Task(TaskAdapter):
         return {"top1": 100.0 * correct / x.shape[0], "n": int(x.shape[0])}
 
     def dummy_inputs(self, model_config: dict, batch_size: int, device) -> tuple:
-        return self.image_inputs(model_config, batch_size, device, self.image_size)
+        return image_batch(model_config, batch_size, device, self.image_size)
+
+    def public_train_size(self, data: dict) -> tuple:
+        """The 50,000 images of data_batch_1..5 minus the cell's `holdout` (default DEFAULT_HOLDOUT)."""
+        hold = int(data.get("holdout", DEFAULT_HOLDOUT) or 0)
+        return 50_000 - hold, True, f"CIFAR-10 train 50,000 minus the suite's holdout of {hold:,}"
 
     def fingerprint(self) -> dict:
         fp = {"task": self.name, "profile": self.profile, "layout_version": LAYOUT_VERSION,

@@ -68,6 +68,7 @@ from bench.options import NonNegInt, OptionsModel, PositiveInt
 from bench.registry import register_task
 from metrics.glue import accuracy, f1_and_accuracy, matthews_corr, pearson_spearman
 from tasks.common.tokenizers import WordVocab, check_vocab, word_vocab
+from tasks.common.hf_outputs import hf_forward, token_shape
 from tasks.micro_data import generate_atomically, micro_folder
 
 LAYOUT_VERSION = 1
@@ -418,6 +419,7 @@ class GlueTask(TaskAdapter):
     label_column = None    # header name of the label (None: last column)
     labels: tuple = ("0", "1")
     regression = False
+    train_examples = 0     # the train split as distributed (GLUE benchmark / HF `glue`), examples (`bench plan`)
     dev_files = ("dev",)
     hf_dev = {"dev": "validation"}
     primary = "acc"
@@ -646,12 +648,10 @@ class GlueTask(TaskAdapter):
         return kw
 
     def forward(self, model, batch, device, output_hidden_states: bool = False) -> ModelOutput:
-        out = model(**self.model_inputs(model, batch, device),
-                    **({"output_hidden_states": True} if output_hidden_states else {}))
-        return ModelOutput(out.logits, out.hidden_states if output_hidden_states else None)
+        return hf_forward(model, self.model_inputs(model, batch, device), output_hidden_states)
 
     def token_shape(self, batch) -> tuple:
-        return tuple(batch["input_ids"].shape[:2])
+        return token_shape(batch)
 
     def sequence_length(self) -> int:
         return int(self.max_len)
@@ -697,6 +697,20 @@ class GlueTask(TaskAdapter):
         return {f"inference: 1 sequence of {self.max_len} tokens (batch 1, no padding)":
                 (self.dummy_inputs(model_config, 1, device), {})}
 
+    def plan_train_forward(self, model_config: dict, device) -> tuple:
+        """One sequence of max_len tokens: an upper bound, training pads to the batch's longest."""
+        label, fw = next(iter(self.flops_forwards(model_config, device).items()))
+        return f"{label}; upper bound: training pads to the batch's longest", fw
+
+    def public_train_size(self, data: dict) -> tuple:
+        """The distributed train split (`train_examples`) minus the cell's `holdout`."""
+        if not self.train_examples:
+            return super().public_train_size(data)
+        hold = int(data.get("holdout", 0) or 0)
+        n = self.train_examples - hold
+        return n, True, f"GLUE {self.name[5:].upper()} train {self.train_examples:,}" + \
+            (f" minus the holdout of {hold:,}" if hold else "")
+
     def fingerprint(self) -> dict:
         fp = {"task": self.name, "profile": self.profile, "layout_version": LAYOUT_VERSION,
               "max_len": self.max_len, "holdout": self.settings.holdout}
@@ -711,6 +725,7 @@ class GlueTask(TaskAdapter):
 @register_task("glue_cola")
 class Cola(GlueTask):
     name, folder, hf_config = "glue_cola", "CoLA", "cola"
+    train_examples = 8_551
     metrics = {"mcc": True}
     primary = "mcc"
 
@@ -721,6 +736,7 @@ class Cola(GlueTask):
 @register_task("glue_sst2")
 class Sst2(GlueTask):
     name, folder, hf_config = "glue_sst2", "SST-2", "sst2"
+    train_examples = 67_349
     metrics = {"acc": True}
     columns, label_column = ("sentence",), "label"
 
@@ -728,6 +744,7 @@ class Sst2(GlueTask):
 @register_task("glue_mrpc")
 class Mrpc(GlueTask):
     name, folder, hf_config = "glue_mrpc", "MRPC", "mrpc"
+    train_examples = 3_668
     metrics = {"f1": True, "acc": True}
     columns, label_column = ("#1 String", "#2 String"), "Quality"
     primary = "f1"
@@ -739,6 +756,7 @@ class Mrpc(GlueTask):
 @register_task("glue_stsb")
 class Stsb(GlueTask):
     name, folder, hf_config = "glue_stsb", "STS-B", "stsb"
+    train_examples = 5_749
     metrics = {"pearson": True, "spearman": True}
     columns, label_column = ("sentence1", "sentence2"), "score"
     regression = True
@@ -753,6 +771,7 @@ class Stsb(GlueTask):
 @register_task("glue_qqp")
 class Qqp(GlueTask):
     name, folder, hf_config = "glue_qqp", "QQP", "qqp"
+    train_examples = 363_846
     metrics = {"f1": True, "acc": True}
     columns, label_column = ("question1", "question2"), "is_duplicate"
     skip_bad_lines = True
@@ -766,6 +785,7 @@ class Qqp(GlueTask):
 class Mnli(GlueTask):
     """MNLI: `dev` evaluates dev_matched (acc_m) and dev_mismatched (acc_mm)."""
     name, folder, hf_config = "glue_mnli", "MNLI", "mnli"
+    train_examples = 392_702
     metrics = {"acc_m": True, "acc_mm": True}
     columns, label_column = ("sentence1", "sentence2"), "gold_label"
     labels = ("contradiction", "entailment", "neutral")
@@ -788,6 +808,7 @@ class Mnli(GlueTask):
 @register_task("glue_qnli")
 class Qnli(GlueTask):
     name, folder, hf_config = "glue_qnli", "QNLI", "qnli"
+    train_examples = 104_743
     metrics = {"acc": True}
     columns, label_column = ("question", "sentence"), "label"
     labels = ("entailment", "not_entailment")
@@ -796,6 +817,7 @@ class Qnli(GlueTask):
 @register_task("glue_rte")
 class Rte(GlueTask):
     name, folder, hf_config = "glue_rte", "RTE", "rte"
+    train_examples = 2_490
     metrics = {"acc": True}
     columns, label_column = ("sentence1", "sentence2"), "label"
     labels = ("entailment", "not_entailment")

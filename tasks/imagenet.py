@@ -50,6 +50,7 @@ from tasks.augment import PrivateRNG, classification_loss, mixup_for
 from tasks.common.files import load_image, scan_images
 from tasks.common.scenes import contrast_and_noise
 from tasks.micro_data import generate_atomically, micro_folder
+from tasks.common.protocol_inputs import image_batch
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -678,7 +679,10 @@ class ImageNetTask(TaskAdapter):
                              f"set model_config.num_classes: {self.num_classes} in the profile")
 
     def dummy_inputs(self, model_config: dict, batch_size: int, device) -> tuple:
-        return self.image_inputs(model_config, batch_size, device, self.image_size)
+        return image_batch(model_config, batch_size, device, self.image_size)
+
+    def public_train_size(self, data: dict) -> tuple:
+        return 1_281_167, True, "ImageNet-1k (ILSVRC-2012) train images"
 
     def fingerprint(self) -> dict:
         fp = {"task": self.name, "profile": self.profile, "layout_version": LAYOUT_VERSION}

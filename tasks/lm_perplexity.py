@@ -50,6 +50,7 @@ from bench.measure import eval_mode
 from bench.options import NonNegInt, OptionsModel, PositiveInt
 from bench.registry import register_task
 from tasks.common.tokenizers import WordVocab, check_vocab, word_vocab
+from tasks.common.hf_outputs import hf_forward, token_shape
 from tasks.micro_data import generate_atomically, micro_folder
 
 LAYOUT_VERSION = 1
@@ -88,6 +89,11 @@ SPECIALS = ["<pad>", "<unk>", "<nl>"]
 
 MICRO_VOCAB = word_vocab(SPECIALS, WORDS)
 MICRO_VOCAB_SIZE = len(MICRO_VOCAB)
+
+# The WikiText-2 raw train split in tokens (`bench plan`): the official 2,088,628 words; BPE tokenizers give more.
+# Approximate: each tokenizer's known test-split count (GPT-2 287,644; LLaMA 341,469) x the train/test word ratio
+# (8.505).
+WIKITEXT2_TRAIN_TOKENS = {"gpt2": 2_446_000, "llama": 2_904_000, None: 2_088_628}
 
 
 class WordTokenizer(WordVocab):
@@ -385,12 +391,10 @@ class WikiText2Perplexity(TaskAdapter):
         return {"input_ids": batch["input_ids"].to(device)}
 
     def forward(self, model, batch, device, output_hidden_states: bool = False) -> ModelOutput:
-        out = model(**self.model_inputs(model, batch, device),
-                    **({"output_hidden_states": True} if output_hidden_states else {}))
-        return ModelOutput(out.logits, out.hidden_states if output_hidden_states else None)
+        return hf_forward(model, self.model_inputs(model, batch, device), output_hidden_states)
 
     def token_shape(self, batch) -> tuple:
-        return tuple(batch["input_ids"].shape[:2])
+        return token_shape(batch)
 
     def sequence_length(self) -> int:
         return int(self.seq_len)
@@ -419,6 +423,26 @@ class WikiText2Perplexity(TaskAdapter):
     def flops_forwards(self, model_config: dict, device) -> dict:
         return {f"inference: 1 sequence of {self.seq_len} tokens (one perplexity window, logits of every token)":
                 (self.dummy_inputs(model_config, 1, device), {})}
+
+    def plan_train_forward(self, model_config: dict, device) -> tuple:
+        """One training window of `train_seq_len` tokens (not the evaluation window of the FLOPs protocol)."""
+        seq = int(self.train_seq_len)
+        vocab = int(model_config.get("vocab_size", 8))
+        return (f"training forward, 1 window of {seq} tokens (train_seq_len)",
+                ((torch.full((1, seq), min(3, vocab - 1), dtype=torch.long, device=device),), {}))
+
+    def public_train_size(self, data: dict) -> tuple:
+        """`calib_samples` windows when it is a number, else the train split's tokens (WIKITEXT2_TRAIN_TOKENS, by
+        the tokenizer named in `tokenizer`) in windows of `train_seq_len`."""
+        seq = int(self.train_seq_len or data.get("train_seq_len") or data.get("seq_len") or 2048)
+        calib = data.get("calib_samples", "all")
+        if isinstance(calib, int):
+            return calib, True, f"WikiText-2: calib_samples {calib:,} random windows of {seq} tokens"
+        tok = str(data.get("tokenizer") or "").lower()
+        key = "llama" if "llama" in tok else "gpt2" if "gpt2" in tok else None
+        tokens = WIKITEXT2_TRAIN_TOKENS[key]
+        return tokens // seq, False, (f"WikiText-2 raw train: ~{tokens:,} {key or 'word'} tokens (approximate) / "
+                                      f"{seq}-token windows")
 
     def fingerprint(self) -> dict:
         fp = {"task": self.name, "profile": self.profile, "layout_version": LAYOUT_VERSION,

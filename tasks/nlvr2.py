@@ -57,6 +57,12 @@ LAYOUT_VERSION = 1
 GENERATOR_VERSION = 2   # 2: statements chosen first, scenes sampled to the drawn truth value
 EVAL_BATCH_SIZE = 128
 MAX_WORDS = 40
+# The text of the official FLOPs protocol (UPop's utils.print_params_and_flops, fvcore, batch of one image pair)
+# and its bert-base-uncased token count ([CLS] and [SEP] included). The ids themselves do not change the count,
+# only the length matters:
+NLVR2_SENTENCE = ("Params and FLOPs test, test params and FLOPs, params and FLOPs test, test params and FLOPs, "
+                  "params and FLOPs test")      # 20 words + 4 commas, "params"/"flops" 2 WordPieces each
+NLVR2_TOKENS = 36
 
 LAYOUT = """\
   <root>/annotation/nlvr_train.json   (BLIP's annotation files: a JSON list of
@@ -353,13 +359,28 @@ class Nlvr2Task(TaskAdapter):
     # ---------------------------------------------------------------- FLOPs / throughput inputs
     MICRO_SENTENCE = "the left image has more circles than the right image"
 
+    @staticmethod
+    def _speaks_micro(model_config: dict) -> bool:
+        """Does the model read MicroTokenizer's ids: the [CLS] / [SEP] ids its config declares are the micro
+        tokenizer's and its vocabulary holds every micro id (the micro archs; undeclared keys count as the micro
+        tokenizer's)? A micro-profile task is also built for a paper-size model (a profile with `data_source:
+        synthetic` and a paper arch: the cells' FLOPs, `bench flops`): that model declares a BERT vocabulary
+        ([CLS] 101, [SEP] 102, 30,524 ids), a micro statement is not a sentence of it, and its count must be the
+        paper protocol's, so it gets NLVR2_SENTENCE's length in its own special ids."""
+        from tasks.vl_micro import MicroTokenizer as T
+        return (model_config.get("cls_token_id", T.cls_token_id) == T.cls_token_id
+                and model_config.get("sep_token_id", T.sep_token_id) == T.sep_token_id
+                and int(model_config.get("vocab_size", T.vocab_size)) >= T.vocab_size)
+
     def dummy_inputs(self, model_config: dict, batch_size: int, device) -> tuple:
         """(image0, image1, input_ids, attention_mask): 2 images + a fixed sentence per sample (the inference
-        forward). Paper: the 36-token sentence of UPop's FLOPs protocol; micro: a micro statement."""
+        forward). Paper: the 36-token sentence of UPop's FLOPs protocol (NLVR2_SENTENCE, in the model's special
+        ids); micro: a micro statement (also the paper sentence for a model that does not read the micro
+        tokenizer's ids, see _speaks_micro)."""
         s = int(model_config.get("image_size", self.image_size))
-        if self.profile == "paper" or int(model_config.get("vocab_size", 512)) > 512:
-            from models.blip import NLVR2_TOKENS, _ids_of_length
-            ids, mask = _ids_of_length(NLVR2_TOKENS, batch_size, model_config, device)
+        if self.profile == "paper" or not self._speaks_micro(model_config):
+            from tasks.common.protocol_inputs import ids_of_length
+            ids, mask = ids_of_length(NLVR2_TOKENS, batch_size, model_config, device)
         else:
             from tasks.vl_micro import MicroTokenizer
             enc = MicroTokenizer()([self.MICRO_SENTENCE] * batch_size, max_len=64)
@@ -374,6 +395,9 @@ class Nlvr2Task(TaskAdapter):
         s, L = args[0].shape[-1], args[2].shape[1]
         return {f"paper: inference forward, 2 images {s} + 1 sentence ({L} tokens)": (args, {}),
                 f"inference: 2 images {s} + 1 sentence ({L} tokens)": (args, {})}
+
+    def public_train_size(self, data: dict) -> tuple:
+        return 86_373, True, "NLVR2 train pairs (BLIP's nlvr_train.json)"
 
     def fingerprint(self) -> dict:
         fp = {"task": self.name, "profile": self.profile, "layout_version": LAYOUT_VERSION,

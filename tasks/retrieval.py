@@ -60,6 +60,15 @@ from tasks.micro_data import MARKER, generate_atomically, micro_folder
 MEAN = (0.48145466, 0.4578275, 0.40821073)     # BLIP and CLIP normalisation
 STD = (0.26862954, 0.26130258, 0.27577711)
 GENERATOR_VERSION = 1
+# The text of the official FLOPs protocol (UPop's utils.print_params_and_flops, fvcore, batch of one image) and
+# its bert-base-uncased token count. The ids themselves do not change the count, only the length matters:
+RETRIEVAL_SENTENCE = "car driving down a road behind a lot of sheep"
+RETRIEVAL_TOKENS = 35          # BLIP retrieval pads captions to max_length 35 in training
+
+# public training-set sizes (`bench plan`): (samples per epoch as this task counts them, exact?, source)
+COCO_KARPATHY_TRAIN = (566_747, True, "COCO Karpathy train captions (BLIP's coco_karpathy_train.json: one entry "
+                                      "per caption, 113,287 images)")
+FLICKR30K_TRAIN = (145_000, True, "Flickr30k train captions (29,000 images x 5, BLIP's flickr30k_train.json)")
 
 # ----------------------------------------------------------------------------------------------------
 # shared by the VL tasks (retrieval, caption, vqa)
@@ -437,10 +446,11 @@ class RetrievalTask(TaskAdapter):
     def flops_forwards(self, model_config: dict, device) -> dict:
         """Spec §5: the paper measured the full training forward (ITC with the momentum encoders; BLIP adds
         the ITM passes) on 1 image + 1 caption; then the inference forward (image + text embedding) alone.
-        BLIP: the inputs of models.blip.paper_flops_inputs (the BLIP adapter owns the exact token counts)."""
+        BLIP: 1 image of the config's image_size + 1 caption of RETRIEVAL_TOKENS tokens (UPop's protocol).
+        `bench plan` uses the first entry as the training forward of one sample: it includes the momentum
+        encoders, which run forward only, so its 3x training convention overcounts their share (about 1/3 of it)."""
         if not self._is_clip(model_config):
-            from models.blip import paper_flops_inputs
-            return paper_flops_inputs("retrieval", model_config, device)
+            return self._blip_flops_forwards(model_config, device)
         x, ids, mask = self.dummy_inputs(model_config, 1, device)
         idx = torch.zeros(1, dtype=torch.long, device=device)
         size, L = x.shape[-1], ids.shape[1]
@@ -448,6 +458,18 @@ class RetrievalTask(TaskAdapter):
                 ((x, ids, mask), {"idx": idx, "mode": "train"}),
                 f"inference: image + text embeddings, 1 image {size} + 1 caption ({L} tokens)":
                 ((x, ids, mask), {"mode": "inference"})}
+
+    @staticmethod
+    def _blip_flops_forwards(model_config: dict, device) -> dict:
+        from tasks.common.protocol_inputs import ids_of_length
+        s = model_config["image_size"]
+        ids, mask = ids_of_length(RETRIEVAL_TOKENS, 1, model_config, device)
+        return {f"paper: training forward incl. momentum encoders and ITM pos + 2 negatives, 1 image {s} + "
+                f"1 caption ({RETRIEVAL_TOKENS} tokens)":
+                ((torch.randn(1, 3, s, s, device=device), ids, mask),
+                 {"idx": torch.zeros(1, dtype=torch.long, device=device), "mode": "train"}),
+                f"inference: image + text features + 1 ITM pass, 1 image {s} + 1 caption ({RETRIEVAL_TOKENS} tokens)":
+                ((torch.randn(1, 3, s, s, device=device), ids, mask), {"mode": "inference"})}
 
     def fingerprint(self) -> dict:
         fp = {"task": self.name, "profile": self.profile, "image_size": self.image_size, "max_words": self.max_words,
@@ -467,6 +489,9 @@ class CocoRetrievalTask(RetrievalTask):
     folder = "coco"
     default_k = 256
 
+    def public_train_size(self, data: dict) -> tuple:
+        return COCO_KARPATHY_TRAIN
+
 
 @register_task("retrieval_flickr")
 class FlickrRetrievalTask(RetrievalTask):
@@ -475,3 +500,7 @@ class FlickrRetrievalTask(RetrievalTask):
     prefix = "flickr30k"
     folder = "flickr30k"
     default_k = 128
+
+    def public_train_size(self, data: dict) -> tuple:
+        return FLICKR30K_TRAIN
+

@@ -50,6 +50,22 @@ from tasks.retrieval import ImageStore, TextTokenizer, check_fields, coco_image_
 
 GENERATOR_VERSION = 1
 
+# The FLOPs protocol of the paper (UPop's utils.print_params_and_flops, fvcore): 32 VQAv2 questions padded to the
+# longest ("are the names on the scoreboard the names of people?": 14 bert-base-uncased tokens, [CLS] and [SEP]
+# included) and 47 answers padded to the longest ("newport beach sacramento": 5 tokens), n = [1], 1 image 480.
+# The ids themselves do not change the count, only the lengths matter.
+VQA_QUESTIONS, VQA_ANSWERS = 32, 47
+VQA_QUESTION_TOKENS = 14
+VQA_ANSWER_TOKENS = 5
+
+# The public training files (`bench plan`): BLIP's annotation files, one entry per question
+VQA_FILES = {
+    "vqa_train": (443_757, True, "VQAv2 train questions"),
+    "vqa_val": (214_354, True, "VQAv2 val questions"),
+    "vg_qa": (1_700_000, False, "Visual Genome QA: its published ~1.7 M QA pairs; BLIP's vg_qa.json keeps only "
+                                "questions with an answer in its list, so this is an upper bound"),
+}
+
 # ----------------------------------------------------------------------------------------------------
 # the official VQA answer normalisation (VQA/PythonEvaluationTools/vqaEvaluation/vqaEval.py)
 # ----------------------------------------------------------------------------------------------------
@@ -390,10 +406,44 @@ class VqaTask(TaskAdapter):
         return (torch.randn(batch_size, 3, s, s, device=device), q, torch.ones_like(q), a, torch.ones_like(a))
 
     def flops_forwards(self, model_config: dict, device) -> dict:
-        """Spec §5: the training forward on 1 image 480, 32 questions and 47 answers, n=[1] (the BLIP
-        adapter's paper_flops_inputs), then an inference-only count."""
-        from models.blip import paper_flops_inputs
-        return paper_flops_inputs("vqa", model_config, device)
+        """Spec §5 (upop.md): the training forward on 1 image 480, 32 questions and 47 answers, n=[1]
+        (VQA_QUESTIONS x VQA_QUESTION_TOKENS, VQA_ANSWERS x VQA_ANSWER_TOKENS), then an inference-only count.
+        Image size from the model config."""
+        from tasks.common.protocol_inputs import ids_of_length
+        s = model_config["image_size"]
+        q, qm = ids_of_length(VQA_QUESTION_TOKENS, VQA_QUESTIONS, model_config, device)
+        a, am = ids_of_length(VQA_ANSWER_TOKENS, VQA_ANSWERS, model_config, device)
+        w = torch.ones(VQA_ANSWERS, device=device)
+        q1, qm1 = ids_of_length(VQA_QUESTION_TOKENS, 1, model_config, device)
+        a1, am1 = ids_of_length(VQA_ANSWER_TOKENS, 1, model_config, device)
+        return {f"paper: training forward, 1 image {s}, {VQA_QUESTIONS} questions x {VQA_QUESTION_TOKENS} tokens, "
+                f"{VQA_ANSWERS} answers x {VQA_ANSWER_TOKENS} tokens, n=[1]":
+                ((torch.randn(1, 3, s, s, device=device), q, qm, a, am), {"weights": w, "n": [1], "mode": "train"}),
+                f"inference: 1 image {s} + 1 question ({VQA_QUESTION_TOKENS}) + 1 answer pass ({VQA_ANSWER_TOKENS})":
+                ((torch.randn(1, 3, s, s, device=device), q1, qm1, a1, am1), {"mode": "inference"})}
+
+    def plan_train_forward(self, model_config: dict, device) -> tuple:
+        """The protocol's training forward cut to one question and one answer (the protocol has 32 questions x
+        47 answers; a training sample is one question with its answers)."""
+        label, (args, kwargs) = next(iter(self.flops_forwards(model_config, device).items()))
+        img, q, qm, a, am = args
+        kw = dict(kwargs)
+        kw["weights"] = kw["weights"][:1]
+        kw["n"] = [1]
+        return (f"training forward, 1 image {img.shape[-1]} + 1 question ({q.shape[1]} tokens) + 1 answer "
+                f"({a.shape[1]} tokens)"), ((img, q[:1], qm[:1], a[:1], am[:1]), kw)
+
+    def public_train_size(self, data: dict) -> tuple:
+        """The sum of the training files' sizes (VQA_FILES) under `train_files` (null: the paper's three)."""
+        files = data.get("train_files") or ["vqa_train", "vqa_val", "vg_qa"]
+        n, exact, parts = 0, True, []
+        for f in files:
+            if f not in VQA_FILES:
+                raise BenchError(f"bench plan: the size of the VQA training file {f!r} is unknown; pass --train-size N")
+            c, ex, what = VQA_FILES[f]
+            n, exact = n + c, exact and ex
+            parts.append(f"{f} {c:,} ({what}{'' if ex else ', approximate'})")
+        return n, exact, "BLIP's VQA training files: " + " + ".join(parts)
 
     def fingerprint(self) -> dict:
         fp = {"task": self.name, "profile": self.profile, "image_size": self.image_size, "train_files": self.train_files}

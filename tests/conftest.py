@@ -43,3 +43,14 @@ def _isolated_cache(tmp_path, monkeypatch):
 
 
 __all__ = ["build", "random_keep", "copy"]
+
+
+@pytest.fixture
+def own_cards(tmp_path, monkeypatch):
+    """A folder of the user's cards (BENCH_TABLES) and an output folder that must stay empty."""
+    cards = tmp_path / "cards"
+    cards.mkdir()
+    monkeypatch.setenv("BENCH_TABLES", str(cards))
+    monkeypatch.setenv("BENCH_OUTPUT", str(tmp_path / "out"))
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    return cards

@@ -7,9 +7,9 @@ import torch
 
 from bench import measure
 from bench.errors import BenchError
-from bench.registry import MODELS
+from bench.registry import MODELS, TASKS
 from bench.structure import extract, mask_weights
-from models.blip import load_official_state, official_state_shapes, official_to_ours, paper_flops_inputs
+from models.blip import load_official_state, official_state_shapes, official_to_ours
 from tests.conftest import build, random_keep
 
 VARIANTS = ("nlvr2", "caption", "vqa", "retrieval")
@@ -149,10 +149,11 @@ def test_nlvr2_key_names_follow_blip():
 
 # paper-size params (M) and FLOPs (G, fvcore MACs) of upop.md §5 / §6; our counts exclude the masks (+0.08 M)
 PAPER = {"nlvr2": (259.45, 132.54), "caption": (224.0, 65.7), "vqa": (361.6, 186.1), "retrieval": (447.6, 153.2)}
+TASK_OF = {"nlvr2": "nlvr2", "caption": "caption_coco", "vqa": "vqa", "retrieval": "retrieval_coco"}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_paper_params_and_flops_on_meta(variant):
+def test_paper_params_and_flops_on_meta(variant, tmp_path):
     arch = f"blip_{variant}"
     cls, cfg = MODELS.get(arch)
     adapter = cls(arch, cfg)
@@ -160,7 +161,9 @@ def test_paper_params_and_flops_on_meta(variant):
         model = adapter.build()
     params_m = measure.count_params(model) / 1e6
     assert params_m == pytest.approx(PAPER[variant][0], rel=0.01)
-    forwards = paper_flops_inputs(variant, cfg, "meta")
+    # the FLOPs protocol is the task's: built as `bench flops` builds it, never prepared (no data on disk)
+    task = TASKS.get(TASK_OF[variant])({}, tmp_path / "nowhere", "paper", tmp_path / "cache")
+    forwards = task.flops_forwards(cfg, "meta")
     label, (args, kwargs) = next(iter(forwards.items()))
     assert label.startswith("paper")
     assert any(k.startswith("inference") for k in forwards)

@@ -13,17 +13,6 @@ from bench.cli import main
 from bench.errors import BenchError
 
 
-@pytest.fixture
-def own_cards(tmp_path, monkeypatch):
-    """A folder of the user's cards (BENCH_TABLES) and an output folder that must stay empty."""
-    cards = tmp_path / "cards"
-    cards.mkdir()
-    monkeypatch.setenv("BENCH_TABLES", str(cards))
-    monkeypatch.setenv("BENCH_OUTPUT", str(tmp_path / "out"))
-    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
-    return cards
-
-
 def _write(cards: Path, card: dict) -> str:
     card = {k: v for k, v in card.items() if k != "_path"}
     (cards / f"{card['table']}.yaml").write_text(yaml.safe_dump(card, sort_keys=False))

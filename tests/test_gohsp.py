@@ -117,8 +117,7 @@ def _run_gohsp(p, opts=None, epochs=3.0):
                       device=torch.device("cpu"), seed=0, train=functools.partial(train, task=task, device="cpu", seed=0),
                       log=lambda m: None)
     res = METHODS.get("gohsp")().prune(ctx)
-    keep = res.keep
-    return adapter, model, ctx, keep
+    return adapter, model, res, res.keep
 
 
 @pytest.fixture(scope="module")
@@ -127,42 +126,42 @@ def gohsp_run():
 
 
 def test_admm_residual_shrinks_and_sparsity_is_met(gohsp_run):
-    adapter, model, ctx, keep = gohsp_run
-    hist = ctx.info["admm"]["history"]
+    adapter, model, res, keep = gohsp_run
+    hist = res.info["admm"]["history"]
     assert len(hist) == 4                                         # initial + one per epoch
-    res = [h["primal_residual"] for h in hist]
-    assert res[-1] < 0.8 * res[0] and all(b <= a + 1e-9 for a, b in zip(res, res[1:]))
+    resid = [h["primal_residual"] for h in hist]
+    assert resid[-1] < 0.8 * resid[0] and all(b <= a + 1e-9 for a, b in zip(resid, resid[1:]))
     assert [h["rho"] for h in hist][1:] == pytest.approx([1.0, 1.0, 1.0])  # capped at rho_max = 1
     total = sum(x.numel() for x in model.parameters())
-    removed = kept_param_count(model, ctx.structure, keep)["removed"]
-    ffn_ppu = next(g.params_per_unit for g in ctx.structure if g.kind == "ffn")
+    removed = kept_param_count(model, res.structure, keep)["removed"]
+    ffn_ppu = next(g.params_per_unit for g in res.structure if g.kind == "ffn")
     assert abs(removed - 0.4 * total) <= ffn_ppu
-    for g in ctx.info["graph"].values():
+    for g in res.info["graph"].values():
         assert g["max_gap_vs_eigenvector"] < 1e-8 and sum(g["pi"]) == pytest.approx(1.0, abs=1e-5)
     assert METHODS.get("gohsp").impl == "reimpl"
 
 
 def test_masked_and_extracted_model_agree(gohsp_run):
-    adapter, model, ctx, keep = gohsp_run
+    adapter, model, res, keep = gohsp_run
     masked = copy.deepcopy(model)
-    mask_weights(masked, ctx.structure, keep)
-    small = extract(copy.deepcopy(model), adapter, ctx.structure, keep)
+    mask_weights(masked, res.structure, keep)
+    small = extract(copy.deepcopy(model), adapter, res.structure, keep)
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.allclose(masked.eval()(x), small.eval()(x), atol=1e-5)
-    assert sum(q.numel() for q in small.parameters()) == kept_param_count(model, ctx.structure, keep)["total"]
+    assert sum(q.numel() for q in small.parameters()) == kept_param_count(model, res.structure, keep)["total"]
 
 
 def test_global_budget_and_redundancy_direction():
-    _, model, ctx, keep = _run_gohsp(0.6, {"head_budget": "global", "ranking": "redundancy", "damping": 0.15},
+    _, model, res, keep = _run_gohsp(0.6, {"head_budget": "global", "ranking": "redundancy", "damping": 0.15},
                                      epochs=1.0)
-    plan = ctx.info["budget"]["per_kind"]
-    assert sum(int((~keep[g.name]).sum()) for g in ctx.structure if g.kind == "head") == plan["head"]
+    plan = res.info["budget"]["per_kind"]
+    assert sum(int((~keep[g.name]).sum()) for g in res.structure if g.kind == "head") == plan["head"]
     # redundancy: the removed heads are the ones with the largest pi within their block (per block here
     # only checked where a block lost heads and kept some)
-    for g in ctx.structure:
+    for g in res.structure:
         if g.kind == "head" and (~keep[g.name]).any() and keep[g.name].any():
-            pi = torch.tensor(ctx.info["graph"][g.name]["pi"])
+            pi = torch.tensor(res.info["graph"][g.name]["pi"])
             assert pi[~keep[g.name]].min() >= pi[keep[g.name]].max() - 1e-6
 
 

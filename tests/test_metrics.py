@@ -19,15 +19,6 @@ from metrics.segmentation import IGNORE_INDEX, confusion_matrix, segmentation_me
 from tests.test_card_schema import _copy, _fails, _write
 
 
-@pytest.fixture
-def own_cards(tmp_path, monkeypatch):
-    """A folder of the user's cards (BENCH_TABLES) and an output folder that must stay empty."""
-    cards = tmp_path / "cards"
-    cards.mkdir()
-    monkeypatch.setenv("BENCH_TABLES", str(cards))
-    monkeypatch.setenv("BENCH_OUTPUT", str(tmp_path / "out"))
-    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
-    return cards
 
 
 # ------------------------------------------------------------------------------------------- the registry

@@ -226,3 +226,24 @@ def test_min_one_unit_rule_is_reported_as_protected():
                                        return_protected=True)
     assert sel["a"].tolist() == [False, True, True] and protected["a"].tolist() == [True, False, False]
     assert not sel["b"].any() and not protected["b"].any()
+
+
+def test_the_search_trains_with_the_settings_optimizer_and_precision():
+    """Segmenter's official search is SGD Nesterov in fp32 (compress_segmenter.py l. 235-244): the upop block's
+    optimizer / momentum / nesterov / precision reach the search's training phase."""
+    adapter, model = build("vit_micro")
+    ctx = _ctx("upop", 0.3, model, adapter, TinyTask(), search_epochs=0.5)
+    ctx.settings["method"] = parse_block(METHODS.get("upop").Settings, {
+        "search_epochs": 0.5, "lr": 4e-3, "batch_size": 32, "interval": 3, "w_sp_attn": 4.8e-3, "w_sp_mlp": 2e-4,
+        "optimizer": "sgd", "momentum": 0.8, "nesterov": True, "precision": "fp32"}, "upop")
+    seen = {}
+    inner = ctx.train
+
+    def spy(model, **kw):
+        seen.update(kw)
+        return inner(model, **kw)
+
+    ctx.train = spy
+    stats = METHODS.get("upop")().prune(ctx).info["search"]["train"]
+    assert (seen["optimizer"], seen["momentum"], seen["nesterov"], seen["precision"]) == ("sgd", 0.8, True, "fp32")
+    assert stats["optimizer"].startswith("SGD") or "sgd" in str(stats["optimizer"]).lower()

@@ -321,8 +321,8 @@ def arch_flops(arch: str, config_overrides: dict | None = None, batch_size: int 
                make_inputs: Callable | None = None) -> dict:
     """Params and MACs of a registered architecture, counted on `meta` (no weights, no memory).
 
-    The dummy input is `batch_size x in_chans x S x S` with S = config["img_size"]; architectures without
-    an image size need `make_inputs(batch_size, device) -> tuple` (the card's dummy inputs).
+    The inputs are the adapter's `example_inputs(batch_size, device)` (an image batch for the vision
+    families); other architectures need `make_inputs(batch_size, device) -> tuple` (the card's dummy inputs).
     Returns {"arch", "params", "macs", "input_spec", "by_op", "by_kind"}."""
     from bench.registry import MODELS
 

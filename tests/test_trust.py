@@ -452,7 +452,11 @@ def test_two_identical_micro_runs_compare_clean_and_seeds_train_their_own_dense(
     assert len([p for p in (tmp_path / "cache" / "dense").iterdir() if p.is_dir()]) == 2
     weights = [p.read_bytes() for p in sorted((tmp_path / "cache" / "dense").glob("*/model.safetensors"))]
     assert len(weights) == 2 and weights[0] != weights[1]
-    r = bench(env, "compare", str(csvs[0]), str(csvs[1]))
+    # this test is about metrics: the measured speedup of a tiny model on a shared test machine is not a figure
+    # (2.03x in one run, 1.21x in the other under `-n 2`), so the speed check is opened wide here (its own
+    # tests use made-up CSVs)
+    no_speed = ("--speedup-tolerance", "99%")
+    r = bench(env, "compare", str(csvs[0]), str(csvs[1]), *no_speed)
     assert r.returncode == 0, r.stdout
     rows = list(csv.DictReader(csvs[1].open()))
     for row in rows:
@@ -462,5 +466,5 @@ def test_two_identical_micro_runs_compare_clean_and_seeds_train_their_own_dense(
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    r = bench(env, "compare", str(csvs[0]), str(csvs[1]))
+    r = bench(env, "compare", str(csvs[0]), str(csvs[1]), *no_speed)
     assert r.returncode == 1 and "regressed: somp-1.11x top1" in r.stdout, r.stdout

@@ -108,7 +108,7 @@ class ModelAdapter:
 
     def example_inputs(self, batch_size: int, device) -> tuple:
         """Inputs for `bench flops --model` / `bench speed --model` without a card (a family whose model takes
-        one plain input, e.g. an image batch of its img_size, implements it). Default: one clear line saying
+        one plain input, e.g. an image batch of its image size, implements it). Default: one clear line saying
         which command counts it instead."""
         from bench.errors import BenchError
         raise BenchError(f"{self.arch} does not take one plain input, so it cannot be counted without a card's "

@@ -10,7 +10,7 @@ each naming the path in the card and the fix.
 from __future__ import annotations
 
 import difflib
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -24,9 +24,18 @@ class OptionsModel(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, protected_namespaces=())
 
+    # keys added after cells were recorded: left out of to_dict() (what a cell's config and hash hold) while at
+    # their default, so the cells of every card that does not set them keep their hash (and cached records)
+    HASH_STABLE_KEYS: ClassVar[tuple] = ()
+
     def to_dict(self) -> dict:
-        """The block with every default filled in, as plain JSON-able data (hashes, records)."""
-        return self.model_dump(mode="json")
+        """The block with every default filled in (but the HASH_STABLE_KEYS still at their default), as plain
+        JSON-able data (hashes, records)."""
+        d = self.model_dump(mode="json")
+        for k in self.HASH_STABLE_KEYS:
+            if getattr(self, k) == type(self).model_fields[k].get_default(call_default_factory=True):
+                d.pop(k, None)
+        return d
 
 
 # Numbers as a card writes them. strict=True refuses strings ("1e-3", "two") and bools; ints are fine for floats.

@@ -122,16 +122,7 @@ class TrainRecipe(OptionsModel):
                              f"(batch_size is the effective batch: give a micro_batch_size that divides it)")
         return self
 
-    # keys added after cells were recorded: left out of to_dict() (what a cell's config and hash hold) while at
-    # their default, so the cells of every card that does not set them keep their hash (and cached records)
-    HASH_STABLE_KEYS: ClassVar[tuple] = ("randaugment",)
-
-    def to_dict(self) -> dict:
-        d = super().to_dict()
-        for k in self.HASH_STABLE_KEYS:
-            if getattr(self, k) == type(self).model_fields[k].get_default(call_default_factory=True):
-                d.pop(k, None)
-        return d
+    HASH_STABLE_KEYS: ClassVar[tuple] = ("randaugment",)   # added after cells were recorded (OptionsModel.to_dict)
 
     def changed_keys(self) -> set:
         """The keys set to something other than their default (what a task or model must honour)."""

@@ -113,7 +113,7 @@ class Profile(OptionsModel):
                                                      "relative to --checkpoints or absolute")
     checkpoints: dict[str, str] = Field({}, description="a checkpoint per model name or per task (multi-part cards)")
     config_overrides: dict = Field({}, alias="model_config",
-                                   description="overrides of the architecture's config (e.g. vocab_size)")
+                                   description="overrides of the architecture's config (e.g. its vocabulary size)")
     finetune: TrainRecipe | None = Field(None, description="the finetune after pruning (recipe keys: bench ls recipe)")
     throughput: ThroughputOverride | None = Field(None, description="overrides of protocol.throughput for this profile")
     method_settings: dict[str, dict] = Field({}, description="per-method budgets, written as `<method>: {...}` keys")

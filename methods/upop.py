@@ -46,7 +46,7 @@ Ablations, registered separately so tables show them as the paper does:
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 from pydantic import BeforeValidator, Field
@@ -125,6 +125,9 @@ class UPopSettings(OptionsModel):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="the search's precision, as the recipe key (auto: bf16 on CUDA, fp32 on CPU; the official "
                             "searches run fp32); fp16 is refused: its GradScaler would scale the masks' gradients")
+
+    # added after UPop cells were recorded: at their defaults they stay out of the cell's hash (OptionsModel.to_dict)
+    HASH_STABLE_KEYS: ClassVar[tuple] = ("optimizer", "momentum", "nesterov", "precision")
 
 
 def progress(t: int, total: int) -> float:

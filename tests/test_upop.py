@@ -247,3 +247,13 @@ def test_the_search_trains_with_the_settings_optimizer_and_precision():
     stats = METHODS.get("upop")().prune(ctx).info["search"]["train"]
     assert (seen["optimizer"], seen["momentum"], seen["nesterov"], seen["precision"]) == ("sgd", 0.8, True, "fp32")
     assert stats["optimizer"].startswith("SGD") or "sgd" in str(stats["optimizer"]).lower()
+
+
+def test_search_keys_added_later_leave_the_cells_hash_alone_at_their_defaults():
+    """optimizer / momentum / nesterov / precision came after UPop cells were recorded: at their defaults they
+    are not in the settings' dump (the cell's config and hash), so no recorded cell goes stale."""
+    S = METHODS.get("upop").Settings
+    base = {"search_epochs": 1, "lr": 1e-3, "batch_size": 2, "interval": 3, "w_sp_attn": 0.0, "w_sp_mlp": 0.0}
+    assert not {"optimizer", "momentum", "nesterov", "precision"} & set(parse_block(S, base, "upop").to_dict())
+    set_ = parse_block(S, {**base, "optimizer": "sgd", "nesterov": True}, "upop").to_dict()
+    assert set_["optimizer"] == "sgd" and set_["nesterov"] is True and "precision" not in set_

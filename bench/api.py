@@ -160,6 +160,9 @@ class TaskAdapter:
     layout: str = ""   # the on-disk layout, shown in errors and the README
     Data: type[OptionsModel] = NoOptions   # the keys of a profile's `data:` block for this task
     RECIPE_KEYS: frozenset = frozenset()    # data-side recipe keys (bench.recipe.DATA_RECIPE_KEYS) it implements
+    PUBLISHED_TRAINING_COSTS: dict = {}
+    """{architecture: published cost of training it on this task from scratch} for `bench plan`'s check of its
+    conventions: epochs, batch, gpus, hours, bound ("less than" or ""), gpu, gpu_tflops, source."""
     model_config_overrides: dict = {}
     """Architecture config keys the task fixes (e.g. a micro vocabulary size, a number of labels), merged over
     the architecture's config before the model is built."""

@@ -507,29 +507,14 @@ def check_settings(gpus, gpu_memory, utilization, gpu_tflops, train_size=None) -
 # ---------------------------------------------------------------------------------------------
 # published costs
 
-PUBLISHED = {
-    "deit_small_patch16_224": {"epochs": 300, "batch": 1024, "gpus": 4, "hours": 72.0, "bound": "less than",
-                               "gpu": "V100", "gpu_tflops": 125.0,
-                               "source": "DeiT paper §5.6: DeiT-S trains 300 epochs in less than 3 days on 4 GPUs "
-                                         "(README: 4 GPUs x batch 256; V100 with AMP, GPU model from memory)"},
-    "deit_tiny_patch16_224": {"epochs": 300, "batch": 1024, "gpus": 4, "hours": 72.0, "bound": "less than",
-                              "gpu": "V100", "gpu_tflops": 125.0,
-                              "source": "DeiT paper §5.6: DeiT-Ti trains 300 epochs in less than 3 days on 4 GPUs "
-                                        "(README: 4 GPUs x batch 256; V100 with AMP, GPU model from memory)"},
-    "deit_base_patch16_224": {"epochs": 300, "batch": 1024, "gpus": 8, "hours": 53.0, "bound": "",
-                              "gpu": "V100", "gpu_tflops": 125.0,
-                              "source": "DeiT paper §5.6: DeiT-B trains 300 epochs in 53 hours on one node of 8 GPUs "
-                                        "(37 h on 2 nodes; V100 with AMP, GPU model from memory)"},
-}
-
-
 def published_notes(plan: dict) -> list:
     """Lines comparing the plan's conventions with published training costs of the table's models."""
     s = plan["settings"]
     notes = []
     for part in plan["parts"]:
-        pub = PUBLISHED.get(part["arch"])
-        if not pub or part["task"] != "imagenet":
+        from bench.registry import TASKS   # the costs a task's own training runs were published with
+        pub = (TASKS.get(part["task"]).PUBLISHED_TRAINING_COSTS or {}).get(part["arch"])
+        if not pub:
             continue
         steps = optimizer_steps(pub["epochs"], part["train_size"], pub["batch"])
         macs = train_macs_per_step(part["dense"]["fwd_macs"], pub["batch"]) * steps

@@ -59,6 +59,8 @@ def plot(card: dict, records, path) -> Path:
                 continue
             xs, ys, errs = [t[0] for t in pts], [t[1] for t in pts], [t[2] for t in pts]
             if method == "dense":
+                if part and (profile, None) in dense_cells:   # a part's dense row is the same model: one star
+                    continue
                 ax.plot(xs, ys, linestyle="none", marker="*", markersize=14, color="black", label=label, zorder=5)
                 ax.axhline(ys[0], color="black", linestyle=":", linewidth=0.8)
                 continue
@@ -67,8 +69,9 @@ def plot(card: dict, records, path) -> Path:
             dy = y_of(d)[0] if d else None
             if dx is not None and dy is not None:   # each curve starts at the dense model
                 ax.plot([dx, xs[0]], [dy, ys[0]], color=colors[method], linestyle=":", linewidth=1)
-            ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", color=colors[method], label=label,
-                        capsize=3)
+            # a second part (e.g. budget: matched) in the method's colour, dashed with square markers
+            ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="s" if part else "o",
+                        linestyle="--" if part else "-", color=colors[method], label=label, capsize=3)
         by_method: dict = {}
         for r in ref_rows:
             if _num(r.get(rkey)) is not None and _num(r.get(name)) is not None:

@@ -260,6 +260,7 @@ def cmd_run(args):
 
     import time as _time
     run_start = _time.time()
+    from bench.recipe import parse_micro_batch
     args.micro_batch = parse_micro_batch(args.micro_batch)
     card = load_checked_card(args.table)
     prof = card.profile(args.profile)
@@ -327,19 +328,6 @@ def cmd_run(args):
         if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
             pargs += ["-p", "xdist.plugin"]
     return int(pytest.main(pargs, plugins=[pytest_plugin]))
-
-
-def parse_micro_batch(value):
-    """--micro-batch: None, "auto" or a whole number >= 1 (one clear line otherwise)."""
-    if value is None or value == "auto":
-        return value
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        n = 0
-    if n < 1:
-        raise BenchError(f"--micro-batch {value!r}: give a whole number >= 1 (samples per forward/backward) or auto")
-    return n
 
 
 SLURM_ONLY = ("partition", "account", "qos", "mem", "cpus_per_gpu", "slurm_arg")

@@ -27,6 +27,7 @@ import pytest
 from bench import report
 from bench.cards import card_dict, load_card, table_dirs
 from bench.config import Paths
+from bench.recipe import parse_micro_batch
 from bench.records import table_dir
 from bench.locks import run_cell_once
 from bench.runner import Session, current_records, expand_cells, load_checked_card, resolve_device
@@ -151,7 +152,7 @@ def _session(config):
                                         checkpoint_every_steps=config.getoption("--bench-checkpoint-every-steps"),
                                         checkpoint_every_minutes=config.getoption("--bench-checkpoint-every-minutes"),
                                         quiet=config.getoption("--bench-quiet"),
-                                        micro_batch=_micro_batch(config.getoption("--bench-micro-batch")))
+                                        micro_batch=parse_micro_batch(config.getoption("--bench-micro-batch")))
     return config._bench_session
 
 
@@ -334,7 +335,3 @@ def pytest_unconfigure(config):
     if getattr(config, "_bench_dist_here", False):
         from bench import distributed as dist
         dist.cleanup()
-
-
-def _micro_batch(value):
-    return None if value is None else ("auto" if value == "auto" else int(value))

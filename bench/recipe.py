@@ -10,6 +10,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from bench.errors import BenchError
 from bench.options import Fraction, NonNegFloat, NonNegInt, OptionsModel, PositiveFloat, PositiveInt
 
 # recipe keys that the task must implement (data side) or the model adapter (model side); the rest are the loop's.
@@ -132,3 +133,16 @@ class TrainRecipe(OptionsModel):
     def with_(self, **changes) -> "TrainRecipe":
         """A copy with some keys changed, validated again."""
         return type(self).model_validate({**self.model_dump(), **changes})
+
+
+def parse_micro_batch(value):
+    """--micro-batch: None, "auto" or a whole number >= 1 (one clear line otherwise)."""
+    if value is None or value == "auto":
+        return value
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise BenchError(f"--micro-batch {value!r}: give a whole number >= 1 (samples per forward/backward) or auto")
+    return n

@@ -636,11 +636,9 @@ class BlipRetrieval(BlipBase):
                                                 dist.gather_cat(image_feat) if world else image_feat,
                                                 dist.gather_cat(text_feat) if world else text_feat)
         ids_neg, atts_neg = pool_ids[neg_txt], pool_mask[neg_txt]
-        if ids_neg.shape[1] != enc_ids.shape[1]:      # a wider rank's padding: cut to this rank's width if only
-            width = max(enc_ids.shape[1], int(atts_neg.sum(1).max()))   # padding is cut, else pad this rank
-            ids_neg, atts_neg = ids_neg[:, :width], atts_neg[:, :width]
-            enc_ids, attention_mask = (F.pad(enc_ids, (0, width - enc_ids.shape[1])),
-                                       F.pad(attention_mask, (0, width - attention_mask.shape[1])))
+        pad = ids_neg.shape[1] - enc_ids.shape[1]     # the pool is padded to the widest rank's texts: match it
+        if pad:                                       # (masked positions: the outputs do not change)
+            enc_ids, attention_mask = F.pad(enc_ids, (0, pad)), F.pad(attention_mask, (0, pad))
         ids_all = torch.cat([enc_ids, ids_neg], dim=0)
         atts_all = torch.cat([attention_mask, atts_neg], dim=0)
         embeds_all = torch.cat([pool_embeds[neg_img], image_embeds], dim=0)

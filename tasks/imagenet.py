@@ -323,27 +323,24 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 # the task adapter
 # ----------------------------------------------------------------------------------------------------
 
-PUBLISHED_TRAINING_COSTS = {   # DeiT's published training costs (bench plan compares its estimate)
-    "deit_small_patch16_224": {"epochs": 300, "batch": 1024, "gpus": 4, "hours": 72.0, "bound": "less than",
-                               "gpu": "V100", "gpu_tflops": 125.0,
-                               "source": "DeiT paper §5.6: DeiT-S trains 300 epochs in less than 3 days on 4 GPUs "
-                                         "(README: 4 GPUs x batch 256; V100 with AMP, GPU model from memory)"},
-    "deit_tiny_patch16_224": {"epochs": 300, "batch": 1024, "gpus": 4, "hours": 72.0, "bound": "less than",
-                              "gpu": "V100", "gpu_tflops": 125.0,
-                              "source": "DeiT paper §5.6: DeiT-Ti trains 300 epochs in less than 3 days on 4 GPUs "
-                                        "(README: 4 GPUs x batch 256; V100 with AMP, GPU model from memory)"},
-    "deit_base_patch16_224": {"epochs": 300, "batch": 1024, "gpus": 8, "hours": 53.0, "bound": "",
-                              "gpu": "V100", "gpu_tflops": 125.0,
-                              "source": "DeiT paper §5.6: DeiT-B trains 300 epochs in 53 hours on one node of 8 GPUs "
-                                        "(37 h on 2 nodes; V100 with AMP, GPU model from memory)"},
-}
-
-
 @register_task("imagenet")
 class ImageNetTask(TaskAdapter):
     """ImageNet-1k top-1/top-5 classification (percent). Micro profile: a generated stand-in, same layout."""
 
-    PUBLISHED_TRAINING_COSTS = PUBLISHED_TRAINING_COSTS
+    PUBLISHED_TRAINING_COSTS = {   # DeiT's published training costs (bench plan compares its estimate)
+        "deit_small_patch16_224": {"epochs": 300, "batch": 1024, "gpus": 4, "hours": 72.0, "bound": "less than",
+                                   "gpu": "V100", "gpu_tflops": 125.0,
+                                   "source": "DeiT paper §5.6: DeiT-S trains 300 epochs in less than 3 days on 4 GPUs "
+                                             "(README: 4 GPUs x batch 256; V100 with AMP, GPU model from memory)"},
+        "deit_tiny_patch16_224": {"epochs": 300, "batch": 1024, "gpus": 4, "hours": 72.0, "bound": "less than",
+                                  "gpu": "V100", "gpu_tflops": 125.0,
+                                  "source": "DeiT paper §5.6: DeiT-Ti trains 300 epochs in less than 3 days on 4 GPUs "
+                                            "(README: 4 GPUs x batch 256; V100 with AMP, GPU model from memory)"},
+        "deit_base_patch16_224": {"epochs": 300, "batch": 1024, "gpus": 8, "hours": 53.0, "bound": "",
+                                  "gpu": "V100", "gpu_tflops": 125.0,
+                                  "source": "DeiT paper §5.6: DeiT-B trains 300 epochs in 53 hours on one node of 8 GPUs "
+                                            "(37 h on 2 nodes; V100 with AMP, GPU model from memory)"},
+    }
 
     name = "imagenet"
     metrics = {"top1": True, "top5": True}

@@ -327,7 +327,13 @@ def cmd_run(args):
         pargs += ["-n", str(workers), "--dist", "load", "-p", "bench.pytest_plugin"]
         if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
             pargs += ["-p", "xdist.plugin"]
-    return int(pytest.main(pargs, plugins=[pytest_plugin]))
+    # the cells expanded and checked above are the ones pytest runs: the plugin does not expand the card again
+    from bench.runner import write_cells
+    cells_file = write_cells(cells, table_dir(early.output, card.table))
+    try:
+        return int(pytest.main(pargs + ["--bench-cells", str(cells_file)], plugins=[pytest_plugin]))
+    finally:
+        cells_file.unlink(missing_ok=True)
 
 
 SLURM_ONLY = ("partition", "account", "qos", "mem", "cpus_per_gpu", "slurm_arg")

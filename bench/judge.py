@@ -14,62 +14,60 @@ from __future__ import annotations
 import math
 
 from bench.cards import REFERENCE_ROW_KEYS, within
+from bench.records import Check, Record, Reference
 
 
-def judge_cell(cfg, record, structure, card) -> None:
+def judge_cell(cfg, record: Record, structure, card) -> None:
     """A fresh record's status: invariants first (finite metrics, ratio reached within one unit), then the
     card's reference (`judge_reference`)."""
     problems = []
-    for k, v in record["metrics"].items():
+    for k, v in record.metrics.items():
         if v is None or not math.isfinite(v):
             problems.append(f"metric {k} is {v}")
-    rc = (record.get("method_info") or {}).get("ratio_check")
+    rc = record.method_info.get("ratio_check")
     if rc:   # the method's ratio is not a fraction of params (e.g. UPop's official 36-per-attention-unit weights)
         if abs(rc["achieved"] - rc["target"]) > rc["tolerance"]:
             problems.append(f"removed {rc['achieved']:.6g} {rc['unit']}, target {rc['target']:.6g} "
                             f"(off by more than {rc['tolerance']:.6g})")
     elif cfg["method"] != "dense":
         one_unit = max((g.params_per_unit for g in structure), default=0) * max(1, len(structure.kinds()))
-        gap = abs(record["params"]["removed"] - record["params"]["target_removed"])
+        gap = abs(record.params.removed - record.params.target_removed)
         if gap > one_unit:
-            problems.append(f"removed {record['params']['removed']} params, target {record['params']['target_removed']} "
+            problems.append(f"removed {record.params.removed} params, target {record.params.target_removed} "
                             f"(off by {gap} > one unit per kind = {one_unit})")
-    record["problems"] = problems   # kept, so that a reused record can be judged again (judge_reference)
+    record.problems = problems   # kept, so that a reused record can be judged again (judge_reference)
     judge_reference(record, card)
 
 
-def judge_reference(record: dict, card) -> bool:
-    """Set the record's reference checks and status from its invariant problems (`record["problems"]`) and the
+def judge_reference(record: Record, card) -> bool:
+    """Set the record's reference checks and status from its invariant problems (`record.problems`) and the
     card's current references and tolerances; a reused record is judged again this way, so an edited reference
     or tolerance applies to it. An error record is left alone. Returns whether the status or the checks changed."""
-    if record.get("status") == "error" or record.get("params") is None or record.get("flops") is None:
+    if record.status == "error" or record.params is None or record.flops is None:
         return False
-    cfg = record["config"]
-    before = (record.get("status"), record.get("reason"), record.get("reference"))
-    problems = list(record.get("problems") or [])
+    cfg = record.config
+    before = (record.status, record.reason, record.reference)
     ref = card.reference_row(cfg["method"], cfg["ratio"]["label"], cfg["profile"], cfg.get("part"))
     checks = []
-    record["reference"] = None
+    reference = None
     if ref:
         tol = card.references.tolerance
-        got = {**record["metrics"], "params_m": record["params"]["total"] / 1e6,
-               "gflops": record["flops"]["macs"] / 1e9}
+        got = {**record.metrics, "params_m": record.params.total / 1e6, "gflops": record.flops.macs / 1e9}
         for k, paper in ref.items():
             if k in REFERENCE_ROW_KEYS:
                 continue
-            ok = within(got[k], paper, tol[k])
-            checks.append({"name": k, "value": got[k], "paper": paper, "tolerance": tol[k], "ok": ok})
-        record["reference"] = {"values": {k: v for k, v in ref.items() if k not in REFERENCE_ROW_KEYS},
-                               "source": ref.get("source") or card.references.source,
-                               "tolerance": tol, "checks": checks}
-    bad = [c for c in checks if not c["ok"]]
-    if problems or bad:
-        record["status"] = "fail"
-        record["reason"] = "; ".join(problems + [f"{c['name']} {c['value']:.4g} vs paper {c['paper']} (tol {c['tolerance']})"
-                                                 for c in bad])
+            checks.append(Check(name=k, value=got[k], paper=paper, tolerance=tol[k], ok=within(got[k], paper, tol[k])))
+        reference = Reference(values={k: v for k, v in ref.items() if k not in REFERENCE_ROW_KEYS},
+                              source=ref.get("source") or card.references.source, tolerance=tol, checks=checks)
+    record.reference = reference
+    bad = [c for c in checks if not c.ok]
+    if record.problems or bad:
+        record.status = "fail"
+        record.reason = "; ".join(record.problems + [f"{c.name} {c.value:.4g} vs paper {c.paper} (tol {c.tolerance})"
+                                                     for c in bad])
     else:
-        record["status"], record["reason"] = ("pass" if checks else "no_ref"), None
-    return (record["status"], record["reason"], record["reference"]) != before
+        record.status, record.reason = ("pass" if checks else "no_ref"), None
+    return (record.status, record.reason, record.reference) != before
 
 
 def relation_checks(card: dict, records) -> list:

@@ -30,7 +30,7 @@ from bench.config import Paths
 from bench.recipe import parse_micro_batch
 from bench.records import table_dir
 from bench.locks import run_cell_once
-from bench.runner import Session, current_records, expand_cells, load_checked_card, resolve_device
+from bench.runner import Session, current_records, expand_cells, load_checked_card, read_cells, resolve_device
 
 STATUS_WORD = {"pass": "PASSED", "fail": "FAILED", "error": "FAILED", "no_ref": "NO-REF"}
 
@@ -53,6 +53,9 @@ def pytest_addoption(parser):
     g.addoption("--bench-quiet", action="store_true", help="no progress lines while a training phase runs")
     g.addoption("--bench-micro-batch", default=None, help="micro-batch of every training phase (N or auto)")
     g.addoption("--bench-force", action="store_true", help="run the selected cells again, even those with a record")
+    g.addoption("--bench-cells", default=None,
+                help="a JSON file of the cells to run, as `bench run` expanded them (then they are not expanded "
+                     "again here, and every xdist worker runs the same cells)")
 
 
 def pytest_configure(config):
@@ -166,9 +169,13 @@ class CardFile(pytest.File):
     def collect(self):
         cfg = self.config
         card = load_checked_card(self.path.stem)
-        cells = expand_cells(card, cfg.getoption("--bench-profile"), cfg.getoption("--bench-methods"),
-                             cfg.getoption("--bench-ratios"), cfg.getoption("--bench-seeds"),
-                             resolve_device(cfg.getoption("--bench-device")))
+        given = cfg.getoption("--bench-cells")
+        if given:   # bench run expanded them (and checked their data): the same cells, not expanded twice
+            cells = [c for c in read_cells(given) if c["table"] == card.table]
+        else:       # pytest run on a card directly: the plugin is the only place that expands it
+            cells = expand_cells(card, cfg.getoption("--bench-profile"), cfg.getoption("--bench-methods"),
+                                 cfg.getoption("--bench-ratios"), cfg.getoption("--bench-seeds"),
+                                 resolve_device(cfg.getoption("--bench-device")))
         cfg._bench_tables[card.table] = card_dict(card)
         for cell in cells:
             yield CellItem.from_parent(self, name=cell["cell_id"], cell=cell)

@@ -24,7 +24,8 @@ from bench.recipe import TrainRecipe
 from bench.config import Paths
 from bench.errors import BenchError, CellFailure, UnknownName
 from bench.judge import apply_relations, judge_cell, judge_reference  # noqa: F401  (judge_reference: re-exported)
-from bench.records import RECORD_VERSION, cell_dir, config_hash, load_records, read_record, record_path, write_record
+from bench.records import (RECORD_VERSION, Flops, Params, Record, RetentionRow, Speed, Memory, TrainingPhase, cell_dir,
+                           config_hash, load_records, read_record, record_path, write_record)
 from bench.registry import METHODS, MODELS, TASKS
 from bench.structure import extract, kept_param_count, retention, save_manifest, write_json_atomic
 from bench.training import train
@@ -59,6 +60,20 @@ def _parse_list(value, kind, known, cast=str, flag=None):
         if known is not None and v not in known:
             raise UnknownName(kind, v, known)
     return items
+
+
+def write_cells(cells: list, folder: Path) -> Path:
+    """The expanded cells as a JSON file in `folder` (bench run hands them to the pytest plugin and its xdist
+    workers this way, so a card is expanded once per run); the caller removes it."""
+    from bench.atomic import temp_path
+    path = temp_path(Path(folder) / "cells.json")
+    write_json_atomic(path, cells)
+    return path
+
+
+def read_cells(path) -> list:
+    import json
+    return json.loads(Path(path).read_text())
 
 
 def card_parts(card, profile: str) -> list:
@@ -364,13 +379,12 @@ class Session:
                                        "training": training_summary(stats)}
 
 
-TRAINING_SUMMARY_KEYS = ("steps", "epochs", "precision", "micro_batch_size", "accumulation_steps",
-                         "world_size", "seconds", "resumed_from_step")
+TRAINING_SUMMARY_KEYS = tuple(k for k in TrainingPhase.model_fields if k != "cached")
 
 
-def training_summary(stats: dict) -> dict:
+def training_summary(stats: dict, cached: bool = False) -> TrainingPhase:
     """What the record's `training` entry keeps of a phase's train() stats."""
-    return {k: stats[k] for k in TRAINING_SUMMARY_KEYS if k in stats}
+    return TrainingPhase(**{k: stats[k] for k in TRAINING_SUMMARY_KEYS if k in stats}, cached=cached)
 
 
 def _cached_training(folder: Path) -> dict | None:
@@ -380,7 +394,7 @@ def _cached_training(folder: Path) -> dict | None:
         stats = json.loads((folder / "training.json").read_text())["stats"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return {**training_summary(stats), "cached": True}
+    return training_summary(stats, cached=True)
 
 
 def _quiet(adapter) -> dict:
@@ -408,20 +422,20 @@ def reuse_record(output: Path, cfg: dict, force: bool = False):
     record, or `force`: bench run --force)."""
     if force:
         return None
-    rec = read_record(record_path(output, cfg["table"], cfg["hash"]))
-    if not rec or rec.get("status") == "error" or (rec.get("config") or {}).get("hash") != cfg["hash"]:
+    data = read_record(record_path(output, cfg["table"], cfg["hash"]))
+    if not data or data["status"] == "error" or data["config"].get("hash") != cfg["hash"]:
         return None
+    rec = Record.from_data(data)
     try:
         changed = judge_reference(rec, load_checked_card(cfg["table"]))
     except BenchError:
         changed = False
-    if changed:
-        write_record(output, rec)
-    return rec
+    return write_record(output, rec) if changed else rec.to_data()
 
 
 def run_cell(cfg: dict, session: Session) -> dict:
-    """Run one cell end to end and write its record; exceptions become an 'error' record."""
+    """Run one cell end to end and write its record (returned as the data written); exceptions become an
+    'error' record."""
     t_start = time.perf_counter()
     record = _empty_record(cfg)
     from bench.workers import single_thread_on_cpu
@@ -429,52 +443,45 @@ def run_cell(cfg: dict, session: Session) -> dict:
         with single_thread_on_cpu(cfg.get("device") or "cpu"):   # results independent of the core count
             _run_cell(cfg, session, record)
     except (CellFailure, BenchError) as e:
-        record.update(status="error", reason=str(e))
+        record.status, record.reason = "error", str(e)
     except torch.cuda.OutOfMemoryError as e:   # noqa: F841
-        record.update(status="error", reason="out of memory: " + str(e).splitlines()[0])
+        record.status, record.reason = "error", "out of memory: " + str(e).splitlines()[0]
     except Exception as e:  # noqa: BLE001 - a crashing cell must not stop the others
         session.log(traceback.format_exc())
-        record.update(status="error", reason=f"{type(e).__name__}: {e}")
-    record["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
+        record.status, record.reason = "error", f"{type(e).__name__}: {e}"
+    record.timings.total_s = round(time.perf_counter() - t_start, 3)
     from bench.locks import runner_identity
-    record["runner"] = runner_identity()   # pid, host, xdist worker, job id: who computed it
+    record.runner = runner_identity()   # pid, host, xdist worker, job id: who computed it
     from bench import distributed as dist
     if dist.is_distributed():   # rank 0 evaluated, measured and judged: its record is every rank's, and it writes
         record = dist.broadcast_object(record)
         if not dist.is_main():
-            return record
-    write_record(session.paths.output, record)
-    return record
+            return record.to_data()
+    return write_record(session.paths.output, record)
 
 
-def _empty_record(cfg):
+def _empty_record(cfg) -> Record:
+    """The record of a cell that starts: what its config says; the rest is filled as the cell runs."""
     card_metrics = cfg["metrics"]
     primary = next(m for m in card_metrics if m.get("primary"))
-    return {
-        "record_version": RECORD_VERSION, "hash": cfg["hash"], "run_id": RUN_ID,
-        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "status": None, "reason": None,
-        "table": cfg["table"], "table_version": cfg["table_version"], "profile": cfg["profile"],
-        "task": cfg["task"], "part": cfg.get("part"), "split": primary["split"], "model_arch": cfg["model"],
-        "model_tag": None,
-        "method": cfg["method"], "method_impl": METHODS.get(cfg["method"]).impl,
-        "ratio_label": cfg["ratio"]["label"], "ratio_p": cfg["ratio"]["p"], "ratio_meaning": cfg["ratio_meaning"],
-        "seed": cfg["seed"], "config": cfg, "metrics": {}, "metric_splits": {m["name"]: m["split"] for m in card_metrics},
-        "params": None, "flops": None, "speed": None, "memory": None, "reference": None,
-        "timings": {"dense_s": 0.0, "prune_s": 0.0, "finetune_s": 0.0, "eval_s": 0.0, "measure_s": 0.0, "total_s": 0.0},
-        "retention": [], "method_info": {}, "env": measure.env_info(),
-        "training": {},   # per training phase (dense, the method's, finetune): precision, micro-batch, accumulation
-    }
+    return Record(
+        hash=cfg["hash"], run_id=RUN_ID, date_utc=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        table=cfg["table"], table_version=cfg["table_version"], profile=cfg["profile"],
+        task=cfg["task"], part=cfg.get("part"), split=primary["split"], model_arch=cfg["model"],
+        method=cfg["method"], method_impl=METHODS.get(cfg["method"]).impl,
+        ratio_label=cfg["ratio"]["label"], ratio_p=cfg["ratio"]["p"], ratio_meaning=cfg["ratio_meaning"],
+        seed=cfg["seed"], config=cfg, metric_splits={m["name"]: m["split"] for m in card_metrics},
+        env=measure.env_info())
 
 
-def _run_cell(cfg, session: Session, record: dict):
+def _run_cell(cfg, session: Session, record: Record):
     device = torch.device(cfg["device"])
     task = session.task(cfg)
     adapter, model, dense_info = session.dense_model(cfg, task, device)
-    record["model_tag"] = dense_info["model_tag"]
-    record["timings"]["dense_s"] = round(dense_info["dense_s"], 3)
+    record.model_tag = dense_info["model_tag"]
+    record.timings.dense_s = round(dense_info["dense_s"], 3)
     if dense_info.get("training"):
-        record["training"]["dense"] = dense_info["training"]
+        record.training["dense"] = dense_info["training"]
     dense_params = measure.count_params(model)
     flop_forwards = task.flops_forwards(cfg["model_config"], device)   # count_macs works on any device
     dense_macs = _count_protocols(model, flop_forwards)
@@ -502,7 +509,7 @@ def _run_cell(cfg, session: Session, record: dict):
         if kw.get("state_hooks") is not None:
             opts["state_dir"] = state_root / phase
         stats = trainer(m, phase=phase, **{**opts, **kw})
-        record["training"][phase] = training_summary(stats)
+        record.training[phase] = training_summary(stats)
         return stats
     structure = adapter.structure(model)
     ctx = CellContext(model=model, adapter=adapter, structure=structure, task=task,
@@ -518,7 +525,7 @@ def _run_cell(cfg, session: Session, record: dict):
                           f"(keep-masks, structure, extract options, info): fix methods/{cfg['method']}.py")
     keep, structure = result.keep, result.structure
     info = dict(result.info)
-    record["timings"]["prune_s"] = round(time.perf_counter() - t, 3)
+    record.timings.prune_s = round(time.perf_counter() - t, 3)
     from bench import distributed as dist
     if dist.is_distributed():   # every rank must extract the same subnet: a CellFailure names the groups otherwise
         check = dist.check_identical(keep, "keep-masks")
@@ -529,11 +536,11 @@ def _run_cell(cfg, session: Session, record: dict):
 
     # extract -> smaller model, saved as a manifest
     extract(model, adapter, structure, keep, result.extract_options)
-    record["retention"] = retention(structure, keep)
+    record.retention = [RetentionRow(**row) for row in retention(structure, keep)]
     if cfg["method"] != "dense" and dist.is_main():
         from bench.report import retention_heatmap
-        retention_heatmap(record, cell_dir(session.paths.output, cfg["table"], cfg["hash"]) / "retention.png")
-    record["method_info"] = info
+        retention_heatmap(record.to_data(), cell_dir(session.paths.output, cfg["table"], cfg["hash"]) / "retention.png")
+    record.method_info = info
 
     # finetune as the card says
     if (method.finetune if result.finetune is None else result.finetune) and cfg["finetune"]:
@@ -547,10 +554,10 @@ def _run_cell(cfg, session: Session, record: dict):
                       phase="finetune", state_dir=state_root / "finetune", **session.train_options, **cfg["finetune"],
                       **(selection.train_kwargs() if selection is not None else {}))
         if selection is not None:
-            record["selection"] = selection.finish()
-        record["method_info"]["finetune"] = stats
-        record["training"]["finetune"] = training_summary(stats)
-        record["timings"]["finetune_s"] = round(time.perf_counter() - t, 3)
+            record.selection = selection.finish()
+        record.method_info["finetune"] = stats
+        record.training["finetune"] = training_summary(stats)
+        record.timings.finetune_s = round(time.perf_counter() - t, 3)
     if not dist.is_main():   # data parallel: rank 0 alone saves, evaluates (the whole split) and measures
         return
     save_manifest(cell_dir(session.paths.output, cfg["table"], cfg["hash"]), model, cfg["model"],
@@ -563,8 +570,8 @@ def _run_cell(cfg, session: Session, record: dict):
         res = task.evaluate(model, split, device)
         for m in cfg["metrics"]:
             if m["split"] == split:
-                record["metrics"][m["name"]] = res[m["name"]]
-    record["timings"]["eval_s"] = round(time.perf_counter() - t, 3)
+                record.metrics[m["name"]] = res[m["name"]]
+    record.timings.eval_s = round(time.perf_counter() - t, 3)
 
     # measure the extracted model
     t = time.perf_counter()
@@ -573,25 +580,26 @@ def _run_cell(cfg, session: Session, record: dict):
     # the ratio's basis: the prunable params (default) or all params (GOHSP's convention)
     basis = dense_params if cfg.get("ratio_basis") == "total" else prunable
     target_removed = cfg["ratio"]["p"] * basis
-    record["params"] = {"total": total, "dense_total": dense_params, "prunable_dense": prunable,
-                        "removed": dense_params - total, "target_removed": round(target_removed),
-                        "achieved_reduction": (dense_params - total) / basis if basis else 0.0,
-                        "target_reduction": cfg["ratio"]["p"], "basis": cfg.get("ratio_basis", "prunable")}
+    record.params = Params(total=total, dense_total=dense_params, prunable_dense=prunable,
+                           removed=dense_params - total, target_removed=round(target_removed),
+                           achieved_reduction=(dense_params - total) / basis if basis else 0.0,
+                           target_reduction=cfg["ratio"]["p"], basis=cfg.get("ratio_basis", "prunable"))
     macs = _count_protocols(model, flop_forwards)
     paper_label = next(iter(flop_forwards))
     inference_label = next((k for k in flop_forwards if k.startswith("inference")), None)
-    record["flops"] = {"macs": macs[paper_label], "dense_macs": dense_macs[paper_label],
-                       "protocol": paper_label, "by_protocol": macs, "dense_by_protocol": dense_macs,
-                       "inference_macs": macs.get(inference_label), "dense_inference_macs": dense_macs.get(inference_label),
-                       "input_spec": measure.input_spec(flop_forwards[paper_label][0]),
-                       "counter": "bench.dispatch", "convention": "fma1_attn_incl"}
+    record.flops = Flops(macs=macs[paper_label], dense_macs=dense_macs[paper_label],
+                         protocol=paper_label, by_protocol=macs, dense_by_protocol=dense_macs,
+                         inference_macs=macs.get(inference_label), dense_inference_macs=dense_macs.get(inference_label),
+                         input_spec=measure.input_spec(flop_forwards[paper_label][0]),
+                         counter="bench.dispatch", convention="fma1_attn_incl")
     tp = cfg["protocol"]["throughput"]
     model.to(device).eval()
-    record["speed"] = paired_throughput(model, None if cfg["method"] == "dense" else dense_copy,
-                                        lambda bs, dev: task.dummy_inputs(cfg["model_config"], bs, dev), str(device), tp)
-    record["memory"] = measure.peak_memory(model, task.dummy_inputs(cfg["model_config"], tp["batch_size"], device),
-                                           str(device))
-    record["timings"]["measure_s"] = round(time.perf_counter() - t, 3)
+    record.speed = Speed(**paired_throughput(model, None if cfg["method"] == "dense" else dense_copy,
+                                             lambda bs, dev: task.dummy_inputs(cfg["model_config"], bs, dev),
+                                             str(device), tp))
+    record.memory = Memory(**measure.peak_memory(model, task.dummy_inputs(cfg["model_config"], tp["batch_size"],
+                                                                          device), str(device)))
+    record.timings.measure_s = round(time.perf_counter() - t, 3)
     judge_cell(cfg, record, structure, load_checked_card(cfg["table"]))
 
 
@@ -650,8 +658,9 @@ def current_records(card, output: Path, profile: str) -> tuple[list, list]:
     for r in recs:
         cfg = r.get("config") or {}
         if r.get("hash") in want and cfg.get("hash") == r.get("hash"):
-            judge_reference(r, card)
-            current.append(r)
+            rec = Record.from_data(r)
+            judge_reference(rec, card)
+            current.append(rec.to_data())
         else:
             now = by_cell.get((cfg.get("part"), r.get("method"), r.get("ratio_label"), r.get("seed"), cfg.get("device")))
             stale.append((r, _differences(cfg, now) if now else "no such cell in the current card"))

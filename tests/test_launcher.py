@@ -80,7 +80,7 @@ def test_local_launcher_jobs_requeue_kill_rerun_resume_and_status(tmp_path, monk
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("(reused)") == 2 and f"tiny_deit::{killed[0]} NO-REF [job" in r.stdout, r.stdout
     rec = records(out)[killed[1]]
-    assert rec["training"]["finetune"].get("resumed_from_step", 0) >= 1, rec["training"]   # resumed inside the cell
+    assert (rec["training"]["finetune"]["resumed_from_step"] or 0) >= 1, rec["training"]   # resumed inside the cell
     assert rec["runner"]["launcher"] == "local" and rec["runner"]["job_id"]
     entry = read_jobs(tmp_path / "out", "tiny_deit")[killed[1]]
     assert entry["previous"] == [f"local:{old_job}"] and entry["job_id"] != old_job

@@ -20,7 +20,7 @@ import yaml
 
 from bench import report
 from bench.cli import main
-from bench.records import load_records, record_path, write_record
+from bench.records import Record, load_records, record_path, write_record
 from bench.registry import METHODS
 from bench.runner import (_empty_record, current_records, expand_cells, judge_reference, load_checked_card,
                           reuse_record, seed_for)
@@ -68,17 +68,17 @@ def fake_record(cfg: dict, top1: float, top5: float = 90.0, date="2026-01-01T00:
     dense = cfg["method"] == "dense"
     total = 460_000 if dense else total
     macs = 32_600_000 if dense else macs
-    rec.update(date_utc=date, metrics={"top1": top1, "top5": top5}, problems=[],
-               params={"total": total, "dense_total": 460_000, "prunable_dense": 440_000, "removed": 460_000 - total,
-                       "target_removed": 460_000 - total, "achieved_reduction": (460_000 - total) / 440_000,
-                       "target_reduction": cfg["ratio"]["p"]},
-               flops={"macs": macs, "dense_macs": 32_600_000, "input_spec": "1x3x32x32", "counter": "bench.dispatch",
-                      "convention": "fma1_attn_incl"},
-               speed={"throughput_sps": tput, "batch_size": 8, "precision": "fp32", "device": "cpu",
-                      "latency_ms_bs1": 1.0, "trials": 1, "iters": 2,
-                      **({} if dense else {"speedup_measured": speedup})},
-               memory={"peak_mem_mb": 10.0, "kind": "cpu"})
-    rec["env"]["device_name"] = "Test CPU"
+    rec = Record.from_data({
+        **rec.to_data(), "date_utc": date, "metrics": {"top1": top1, "top5": top5}, "problems": [],
+        "params": {"total": total, "dense_total": 460_000, "prunable_dense": 440_000, "removed": 460_000 - total,
+                   "target_removed": 460_000 - total, "achieved_reduction": (460_000 - total) / 440_000,
+                   "target_reduction": cfg["ratio"]["p"]},
+        "flops": {"macs": macs, "dense_macs": 32_600_000, "input_spec": "1x3x32x32", "counter": "bench.dispatch",
+                  "convention": "fma1_attn_incl"},
+        "speed": {"throughput_sps": tput, "batch_size": 8, "precision": "fp32", "device": "cpu",
+                  "latency_ms_bs1": 1.0, "trials": 1, "iters": 2, **({} if dense else {"speedup_measured": speedup})},
+        "memory": {"peak_mem_mb": 10.0, "kind": "cpu"}})
+    rec.env["device_name"] = "Test CPU"
     judge_reference(rec, load_checked_card(cfg["table"]))
     return rec
 
@@ -89,9 +89,7 @@ def write_fake_run(output: Path, seeds="0", values=None, **kw) -> list:
     recs = []
     for c in cells:
         top1 = (values or {}).get((c["method"], c["seed"]), 50.0 + c["seed"] - (5 if c["method"] == "somp" else 0))
-        rec = fake_record(c, top1, **kw)
-        write_record(output, rec)
-        recs.append(rec)
+        recs.append(write_record(output, fake_record(c, top1, **kw)))
     return recs
 
 

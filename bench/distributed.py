@@ -334,6 +334,17 @@ def shard(items: Iterable, n: int | None = None, r: int | None = None) -> Iterat
         yield chunk[r]
 
 
+def rank_batches(task, batch_size: int, seed: int, **kw) -> Iterator:
+    """This rank's share of the task's training stream (micro-batch i for i mod world == rank). A task whose
+    train_batches takes `shard` (tasks.common.batching) makes only this rank's micro-batches; for any other,
+    every rank draws the whole stream and keeps its share (`shard`). One process: the stream itself."""
+    import inspect
+    n = world_size()
+    if n > 1 and "shard" in inspect.signature(task.train_batches).parameters:
+        return iter(task.train_batches(batch_size, seed, shard=(rank(), n), **kw))
+    return shard(task.train_batches(batch_size, seed, **kw))
+
+
 def per_rank_batch(batch_size: int, what: str) -> int:
     """batch_size / world size (a method's own loop that draws batches itself, e.g. VTrans); BenchError when the
     world size does not divide it."""

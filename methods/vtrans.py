@@ -505,8 +505,8 @@ class VTrans(Method):
             mult[g.name] = m / (g.size if o.kl_normalise else 1)
         from bench import distributed as dist   # data parallel: each rank its share of every batch (no-op alone)
         bs_rank = dist.per_rank_batch(bs, f"{self.name} batch_size")
-        batches = dist.shard(task.train_batches(bs_rank, ctx.seed, subset=subset, subset_seed=int(o.subset_seed))
-                             if subset is not None else task.train_batches(bs_rank, ctx.seed))
+        batches = (dist.rank_batches(task, bs_rank, ctx.seed, subset=subset, subset_seed=int(o.subset_seed))
+                   if subset is not None else dist.rank_batches(task, bs_rank, ctx.seed))
         log_every = int(s.log_every)
         hist, best = [], None
         sel = o.selection

@@ -49,6 +49,7 @@ from bench.recipe import TASK_RECIPE_KEYS
 from bench.registry import register_task
 from tasks.augment import PrivateRNG, classification_loss, mixup_for
 from tasks.micro_data import generate_atomically, micro_folder
+from tasks.common.batching import generator, micro_batches
 from tasks.common.protocol_inputs import image_batch
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -146,6 +147,7 @@ class Cifar10Task(TaskAdapter):
     """CIFAR-10 top-1 (percent) on test_batch; validation = the last `holdout` training images."""
 
     name = "cifar10"
+    VERSION = 2   # 2: one generator per micro-batch for its augmentation (tasks.common.batching)
     metrics = {"top1": True}
     layout = LAYOUT
     Data = Cifar10Data
@@ -243,14 +245,15 @@ class Cifar10Task(TaskAdapter):
                                                     separate=True)
         return secondary
 
-    def train_batches(self, batch_size: int, seed: int, recipe=None):
+    def train_batches(self, batch_size: int, seed: int, recipe=None, shard=None):
         """Endless (images (B,3,S,S) normalised, labels) with random crop (pad 4) + flip, reshuffled per epoch;
         then the recipe's auto_augment / color_jitter per image, random erasing and mixup/cutmix (labels become
-        soft targets (B, 10)), on generators seeded with `seed`."""
+        soft targets (B, 10)). The micro-batches of `tasks.common.batching.micro_batches`, each augmented from
+        its own seed (crop and flip on a torch Generator, the timm transforms on `PrivateRNG`); with `shard`,
+        only this rank's are made."""
         x, y = self.split("train")
         n = x.shape[0]
         bs = min(int(batch_size), n)
-        g = torch.Generator().manual_seed(int(seed))
         hflip = recipe.hflip if recipe is not None and recipe.hflip is not None else 0.5
         secondary = self.secondary_transform(recipe)
         erase = None
@@ -258,38 +261,35 @@ class Cifar10Task(TaskAdapter):
             from timm.data.random_erasing import RandomErasing
             erase = RandomErasing(recipe.reprob, mode=recipe.remode, max_count=recipe.recount, device="cpu")
         mix = mixup_for(recipe, len(CLASSES), bs)
-        return self._batches(x, y, n, bs, g, self.settings.crop_padding, hflip, secondary, erase, mix,
-                             PrivateRNG(int(seed)))
+        return self._batches(x, y, micro_batches(n, bs, int(seed), shard), self.settings.crop_padding, hflip,
+                             secondary, erase, mix)
 
-    def _batches(self, x, y, n, bs, g, pad, hflip, secondary, erase, mix, rng):
+    def _batches(self, x, y, stream, pad, hflip, secondary, erase, mix):
         import contextlib
-        if secondary is None and erase is None and mix is None:
-            rng = contextlib.nullcontext()          # the plain batches draw only from g
-        while True:
-            perm = torch.randperm(n, generator=g)
-            for i in range(0, n - bs + 1, bs):
-                idx = perm[i:i + bs]
-                xb = F.pad(x[idx], (pad, pad, pad, pad))
-                H = x.shape[-1]
-                ox = torch.randint(0, 2 * pad + 1, (bs,), generator=g)
-                oy = torch.randint(0, 2 * pad + 1, (bs,), generator=g)
-                flip = torch.rand(bs, generator=g) < hflip
-                out = torch.empty_like(x[idx])
-                for j in range(bs):
-                    crop = xb[j, :, oy[j]:oy[j] + H, ox[j]:ox[j] + H]
-                    out[j] = crop.flip(-1) if flip[j] else crop
-                labels = y[idx]
-                with rng:
-                    if secondary is not None:
-                        from PIL import Image
-                        out = torch.stack([torch.from_numpy(np.asarray(secondary(Image.fromarray(
-                            a.permute(1, 2, 0).numpy())), dtype=np.uint8).copy()).permute(2, 0, 1) for a in out])
-                    imgs = self._to_input(out)
-                    if erase is not None:
-                        imgs = erase(imgs)
-                    if mix is not None:
-                        imgs, labels = mix(imgs, labels)
-                yield imgs, labels
+        plain = secondary is None and erase is None and mix is None   # draws only from the batch's generator
+        for idx, bseed in stream:
+            g, bs = generator(bseed), len(idx)
+            xb = F.pad(x[idx], (pad, pad, pad, pad))
+            H = x.shape[-1]
+            ox = torch.randint(0, 2 * pad + 1, (bs,), generator=g)
+            oy = torch.randint(0, 2 * pad + 1, (bs,), generator=g)
+            flip = torch.rand(bs, generator=g) < hflip
+            out = torch.empty_like(x[idx])
+            for j in range(bs):
+                crop = xb[j, :, oy[j]:oy[j] + H, ox[j]:ox[j] + H]
+                out[j] = crop.flip(-1) if flip[j] else crop
+            labels = y[idx]
+            with contextlib.nullcontext() if plain else PrivateRNG(bseed):
+                if secondary is not None:
+                    from PIL import Image
+                    out = torch.stack([torch.from_numpy(np.asarray(secondary(Image.fromarray(
+                        a.permute(1, 2, 0).numpy())), dtype=np.uint8).copy()).permute(2, 0, 1) for a in out])
+                imgs = self._to_input(out)
+                if erase is not None:
+                    imgs = erase(imgs)
+                if mix is not None:
+                    imgs, labels = mix(imgs, labels)
+            yield imgs, labels
 
     def loss(self, model: nn.Module, batch, device, recipe=None) -> torch.Tensor:
         """Cross-entropy with the recipe's label smoothing; soft (mixup) targets: timm SoftTargetCrossEntropy."""

@@ -68,6 +68,7 @@ from bench.options import NonNegInt, OptionsModel, PositiveInt
 from bench.registry import register_task
 from metrics.glue import accuracy, f1_and_accuracy, matthews_corr, pearson_spearman
 from tasks.common.tokenizers import WordVocab, check_vocab, word_vocab
+from tasks.common.batching import micro_batches
 from tasks.common.hf_outputs import hf_forward, token_shape
 from tasks.micro_data import generate_atomically, micro_folder
 
@@ -622,21 +623,18 @@ class GlueTask(TaskAdapter):
                 "labels": data["labels"][torch.as_tensor(list(idx), dtype=torch.long)]}
 
     def train_batches(self, batch_size: int, seed: int, subset: float | None = None, subset_seed: int = 0,
-                      recipe=None):
-        """Endless shuffled batches of the train split. `subset`: a fixed uniformly random fraction of the
-        training examples (Fast-VTrans's 3 %), drawn with `subset_seed`."""
+                      recipe=None, shard=None):
+        """Endless shuffled batches of the train split (`tasks.common.batching.micro_batches`; with `shard`,
+        only this rank's are collated). `subset`: a fixed uniformly random fraction of the training examples
+        (Fast-VTrans's 3 %), drawn with `subset_seed`."""
         data = self.split("train")
         n = len(data["ids"])
         pool = torch.arange(n)
         if subset is not None:
             g0 = torch.Generator().manual_seed(int(subset_seed))
             pool = torch.randperm(n, generator=g0)[: self.subset_size(subset)]
-        bs = min(int(batch_size), len(pool))
-        g = torch.Generator().manual_seed(int(seed))
-        while True:
-            perm = pool[torch.randperm(len(pool), generator=g)]
-            for i in range(0, len(perm) - bs + 1, bs):
-                yield self.collate(data, perm[i:i + bs].tolist())
+        for idx, _ in micro_batches(len(pool), batch_size, seed, shard):
+            yield self.collate(data, pool[idx].tolist())
 
     # ---------------------------------------------------------------- model calls
     @staticmethod

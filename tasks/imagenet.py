@@ -47,6 +47,7 @@ from bench.options import NonNegInt, OptionsModel, PositiveInt
 from bench.recipe import TASK_RECIPE_KEYS
 from bench.registry import register_task
 from tasks.augment import PrivateRNG, classification_loss, mixup_for
+from tasks.common.batching import batch_seed, generator, micro_batches
 from tasks.common.files import load_image, scan_images
 from tasks.common.scenes import contrast_and_noise
 from tasks.micro_data import generate_atomically, micro_folder
@@ -323,9 +324,26 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 # the task adapter
 # ----------------------------------------------------------------------------------------------------
 
+class _SeededImages(torch.utils.data.Dataset):
+    """An image folder indexed by (index, seed): the transforms of each image draw from its own seed."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, item):
+        i, seed = item
+        with PrivateRNG(seed):
+            return self.ds[i]
+
+
 @register_task("imagenet")
 class ImageNetTask(TaskAdapter):
     """ImageNet-1k top-1/top-5 classification (percent). Micro profile: a generated stand-in, same layout."""
+
+    VERSION = 2   # 2: one generator per micro-batch for its augmentation (tasks.common.batching)
 
     PUBLISHED_TRAINING_COSTS = {   # DeiT's published training costs (bench plan compares its estimate)
         "deit_small_patch16_224": {"epochs": 300, "batch": 1024, "gpus": 4, "hours": 72.0, "bound": "less than",
@@ -548,71 +566,59 @@ class ImageNetTask(TaskAdapter):
             raise BenchError(f"ImageNet {split} classes changed on disk under {self.root}")
         return ds
 
-    def train_batches(self, batch_size: int, seed: int, recipe=None):
-        """Endless iterator of (images float (B, 3, S, S) normalised, labels long (B,)) on the CPU, reshuffled
-        every epoch by a torch Generator seeded with `seed`; each epoch has `steps_per_epoch(batch_size)` batches.
-        With the recipe's mixup/cutmix the labels are timm Mixup's soft targets (B, num_classes) instead. The
-        per-image transforms and Mixup draw from generators seeded with `seed` too (`tasks.augment.PrivateRNG`)."""
+    def train_batches(self, batch_size: int, seed: int, recipe=None, shard=None):
+        """Endless iterator of (images float (B, 3, S, S) normalised, labels long (B,)) on the CPU: the
+        micro-batches of `tasks.common.batching.micro_batches` (reshuffled every epoch; each epoch has
+        `steps_per_epoch(batch_size)` of them; with `shard`, only this rank's are loaded). With the recipe's
+        mixup/cutmix the labels are timm Mixup's soft targets (B, num_classes) instead. Every micro-batch draws
+        its augmentation from its own seed: the crop and flip from a torch Generator, the per-image timm
+        transforms and Mixup from `tasks.augment.PrivateRNG` (paper: one seed per image, so the DataLoader's
+        worker count does not change the images)."""
         self.prepare()
         if self.profile == "micro":
-            return self._micro_train_batches(int(batch_size), int(seed), recipe)
-        return self._paper_train_batches(int(batch_size), int(seed), recipe)
+            return self._micro_train_batches(int(batch_size), int(seed), recipe, shard)
+        return self._paper_train_batches(int(batch_size), int(seed), recipe, shard)
 
-    def _micro_train_batches(self, batch_size, seed, recipe=None):
+    def _micro_train_batches(self, batch_size, seed, recipe=None, shard=None):
         x, y = self._micro_split("train")
         n = x.shape[0]
-        g = torch.Generator().manual_seed(seed)
         S = self.image_size
         scale, hflip = self._crop_scale(recipe), self._hflip(recipe)
-        bs = min(batch_size, n)
-        mix = mixup_for(recipe, self.num_classes, bs)
+        mix = mixup_for(recipe, self.num_classes, min(batch_size, n))
         tf = self.train_transform(recipe) if self.per_image_augmentation(recipe) else None
-        rng = PrivateRNG(seed)
-        return self._micro_batches(x, y, n, bs, g, S, scale, hflip, tf, mix, rng)
+        return self._micro_batches(x, y, micro_batches(n, batch_size, seed, shard), S, scale, hflip, tf, mix)
 
     @staticmethod
-    def _micro_batches(x, y, n, bs, g, S, scale, hflip, tf, mix, rng):
-        while True:
-            perm = torch.randperm(n, generator=g)
-            for i in range(0, n - bs + 1, bs):
-                idx = perm[i:i + bs]
-                if tf is None:
-                    imgs = _normalize(random_resized_crop_flip(x[idx], S, g, scale=scale, hflip=hflip))
-                else:
-                    from PIL import Image
-                    with rng:
-                        imgs = torch.stack([tf(Image.fromarray(a.permute(1, 2, 0).numpy())) for a in x[idx]])
-                labels = y[idx]
-                if mix is not None:
-                    with rng:
-                        imgs, labels = mix(imgs, labels)
-                yield imgs, labels
+    def _micro_batches(x, y, stream, S, scale, hflip, tf, mix):
+        for idx, bseed in stream:
+            if tf is None:
+                imgs = _normalize(random_resized_crop_flip(x[idx], S, generator(bseed), scale=scale, hflip=hflip))
+            else:
+                from PIL import Image
+                with PrivateRNG(bseed):
+                    imgs = torch.stack([tf(Image.fromarray(a.permute(1, 2, 0).numpy())) for a in x[idx]])
+            labels = y[idx]
+            if mix is not None:
+                with PrivateRNG(batch_seed(bseed, -1)):
+                    imgs, labels = mix(imgs, labels)
+            yield imgs, labels
 
-    def _paper_train_batches(self, batch_size, seed, recipe=None):
+    def _paper_train_batches(self, batch_size, seed, recipe=None, shard=None):
         from torch.utils.data import DataLoader
         ds = self._image_folder("train", transform=self.train_transform(recipe))
         workers = self.settings.workers
-        g = torch.Generator().manual_seed(seed)
-        drop_last = len(ds) >= batch_size
-        loader = DataLoader(ds, batch_size=batch_size, shuffle=True, generator=g, drop_last=drop_last,
-                            num_workers=workers, pin_memory=torch.cuda.is_available(),
-                            persistent_workers=workers > 0)
-        mix = mixup_for(recipe, self.num_classes, batch_size if drop_last else len(ds))
-        return self._paper_batches(loader, mix, PrivateRNG(seed))
-
-    @staticmethod
-    def _paper_batches(loader, mix, rng):
-        while True:
-            with rng:                  # workers=0: the transforms run here, on the seeded generators
-                it = iter(loader)
-            while True:
-                with rng:
-                    batch = next(it, None)
-                    if batch is not None and mix is not None:
-                        batch = mix(*batch)
-                if batch is None:
-                    break
-                yield batch
+        # the batch sampler hands every image its own seed: (index, seed) pairs of this rank's micro-batches
+        sampler = ([(int(j), batch_seed(bseed, pos)) for pos, j in enumerate(idx.tolist())]
+                   for idx, bseed in micro_batches(len(ds), batch_size, seed, shard))
+        loader = DataLoader(_SeededImages(ds), batch_sampler=sampler, num_workers=workers,
+                            pin_memory=torch.cuda.is_available())
+        mix = mixup_for(recipe, self.num_classes, min(batch_size, len(ds)))
+        seeds = (bseed for _, bseed in micro_batches(len(ds), batch_size, seed, shard))   # the same stream's seeds
+        for batch, bseed in zip(loader, seeds):
+            if mix is not None:
+                with PrivateRNG(batch_seed(bseed, -1)):
+                    batch = mix(*batch)
+            yield batch
 
     # ---------------------------------------------------------------- loss
     def loss(self, model: nn.Module, batch, device, recipe=None) -> torch.Tensor:

@@ -50,6 +50,7 @@ from bench.measure import eval_mode
 from bench.options import NonNegInt, OptionsModel, PositiveInt
 from bench.registry import register_task
 from tasks.common.tokenizers import WordVocab, check_vocab, word_vocab
+from tasks.common.batching import micro_batches
 from tasks.common.hf_outputs import hf_forward, token_shape
 from tasks.micro_data import generate_atomically, micro_folder
 
@@ -370,20 +371,17 @@ class WikiText2Perplexity(TaskAdapter):
         return max(1, n // int(batch_size))
 
     def train_batches(self, batch_size: int, seed: int, subset: float | None = None, subset_seed: int = 0,
-                      recipe=None):
-        """Endless shuffled batches {"input_ids": (B, train_seq_len)} of training windows; `subset` = a fixed
-        random fraction of them (Fast-VTrans), drawn with `subset_seed`."""
+                      recipe=None, shard=None):
+        """Endless shuffled batches {"input_ids": (B, train_seq_len)} of training windows
+        (`tasks.common.batching.micro_batches`; with `shard`, only this rank's); `subset` = a fixed random
+        fraction of them (Fast-VTrans), drawn with `subset_seed`."""
         w = self.train_windows()
         pool = torch.arange(w.shape[0])
         if subset is not None:
             pool = torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(int(subset_seed)))
             pool = pool[: self.subset_size(subset)]
-        bs = min(int(batch_size), len(pool))
-        g = torch.Generator().manual_seed(int(seed))
-        while True:
-            perm = pool[torch.randperm(len(pool), generator=g)]
-            for i in range(0, len(perm) - bs + 1, bs):
-                yield {"input_ids": w[perm[i:i + bs]]}
+        for idx, _ in micro_batches(len(pool), batch_size, seed, shard):
+            yield {"input_ids": w[pool[idx]]}
 
     # ---------------------------------------------------------------- model calls
     @staticmethod

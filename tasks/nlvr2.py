@@ -45,6 +45,7 @@ from bench.measure import eval_mode
 from bench.options import NonNegInt, OptionsModel, PositiveInt
 from bench.registry import register_task
 from tasks.common import files
+from tasks.common.batching import generator, micro_batches
 from tasks.common.blip_augment import TrainTransform
 from tasks.common.tokenizers import BlipBertTokenizer, check_vocab
 from tasks.micro_data import generate_atomically, micro_folder
@@ -193,6 +194,7 @@ class Nlvr2Task(TaskAdapter):
     """NLVR2 accuracy (percent) on dev and test-P with a BLIP NLVR2 model (two images + a sentence -> 2 logits)."""
 
     name = "nlvr2"
+    VERSION = 2   # 2: one generator per micro-batch for its augmentation (tasks.common.batching)
     metrics = {"acc": True, "dev_acc": True, "test_acc": True}
     layout = LAYOUT
     Data = Nlvr2Data
@@ -326,17 +328,14 @@ class Nlvr2Task(TaskAdapter):
         ids, mask = self.tokenize(sents)
         return self._normalise(x0), self._normalise(x1), ids, mask, torch.tensor(labels, dtype=torch.long)
 
-    def train_batches(self, batch_size: int, seed: int, recipe=None):
+    def train_batches(self, batch_size: int, seed: int, recipe=None, shard=None):
+        """(image0, image1, ids, mask, labels) of `tasks.common.batching.micro_batches` (drop_last, as BLIP's
+        loader); with `shard`, only this rank's micro-batches are loaded and augmented."""
         anns = self.split("train")
-        n = len(anns)
-        bs = min(int(batch_size), n)
-        g = torch.Generator().manual_seed(int(seed))
         # paper: RandomResizedCrop + flip; the recipe's randaugment adds BLIP's RandomAugment (micro: none unless set)
         transform = TrainTransform.for_recipe(recipe, crop=self.profile == "paper", task=self.name)
-        while True:
-            perm = torch.randperm(n, generator=g).tolist()
-            for i in range(0, n - bs + 1, bs):          # drop_last, as BLIP's loader
-                yield self._batch([anns[j] for j in perm[i:i + bs]], augment=True, gen=g, transform=transform)
+        for idx, bseed in micro_batches(len(anns), batch_size, seed, shard):
+            yield self._batch([anns[j] for j in idx.tolist()], augment=True, gen=generator(bseed), transform=transform)
 
     def loss(self, model: nn.Module, batch, device, recipe=None) -> torch.Tensor:
         x0, x1, ids, mask, y = batch

@@ -246,6 +246,7 @@ class VqaData(OptionsModel):
 @register_task("vqa")
 class VqaTask(TaskAdapter):
     name = "vqa"
+    VERSION = 2   # 2: one generator per micro-batch for its augmentation (tasks.common.batching)
     metrics = {"vqa_acc": True}
     layout = LAYOUT
     Data = VqaData
@@ -328,30 +329,27 @@ class VqaTask(TaskAdapter):
         self.prepare()
         return max(1, len(self.train_items) // int(batch_size))
 
-    def train_batches(self, batch_size: int, seed: int, recipe=None):
-        """(images, q_ids, q_mask, a_ids, a_mask, weights, n) as BLIP's vqa_collate_fn."""
+    def train_batches(self, batch_size: int, seed: int, recipe=None, shard=None):
+        """(images, q_ids, q_mask, a_ids, a_mask, weights, n) as BLIP's vqa_collate_fn, of
+        `tasks.common.batching.micro_batches` (with `shard`: only this rank's, loaded and augmented)."""
         self.prepare()
         items = self.train_items
-        bs = min(int(batch_size), len(items))
-        g = torch.Generator().manual_seed(int(seed))
         tok = self.tokenizer()
         transform = TrainTransform.for_recipe(recipe, crop=self.profile == "paper", task=self.name)
-        while True:
-            perm = torch.randperm(len(items), generator=g).tolist()
-            for i in range(0, len(items) - bs + 1, bs):
-                chunk = [items[j] for j in perm[i:i + bs]]
-                answers, weights, n = [], [], []
-                for it in chunk:
-                    a, w = answer_weights(it["answer"] if isinstance(it["answer"], list) else [it["answer"]],
-                                          it.get("dataset", "vqa"))
-                    answers += a
-                    weights += w
-                    n.append(len(a))
-                q = tok([pre_question(it["question"]) for it in chunk], 35)
-                a = tok(answers, 10)
-                x = transform(self._store.batch([it["image"] for it in chunk]), g)   # paper: crop + flip
-                yield (normalise(x), q["input_ids"],
-                       q["attention_mask"], a["input_ids"], a["attention_mask"], torch.tensor(weights), torch.tensor(n))
+        for idx, bseed in micro_batches(len(items), batch_size, seed, shard):
+            chunk = [items[j] for j in idx.tolist()]
+            answers, weights, n = [], [], []
+            for it in chunk:
+                a, w = answer_weights(it["answer"] if isinstance(it["answer"], list) else [it["answer"]],
+                                      it.get("dataset", "vqa"))
+                answers += a
+                weights += w
+                n.append(len(a))
+            q = tok([pre_question(it["question"]) for it in chunk], 35)
+            a = tok(answers, 10)
+            x = transform(self._store.batch([it["image"] for it in chunk]), generator(bseed))   # paper: crop + flip
+            yield (normalise(x), q["input_ids"],
+                   q["attention_mask"], a["input_ids"], a["attention_mask"], torch.tensor(weights), torch.tensor(n))
 
     def loss(self, model: nn.Module, batch, device, recipe=None) -> torch.Tensor:
         x, qi, qm, ai, am, w, n = batch

@@ -54,19 +54,19 @@ _ROBERTA = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=
 def _removable_attention(self, hidden_states, *args, **kwargs):
     if self.query is None:                   # removed sublayer: no context, the output keeps the residual
         return None, None
-    return super(type(self), self).forward(hidden_states, *args, **kwargs)
+    return type(self)._bench_base.forward(self, hidden_states, *args, **kwargs)
 
 
 def _removable_output(self, hidden_states, input_tensor):
     if self.dense is None:
         return self.LayerNorm(input_tensor)
-    return super(type(self), self).forward(hidden_states, input_tensor)
+    return type(self)._bench_base.forward(self, hidden_states, input_tensor)
 
 
 def _removable_intermediate(self, hidden_states):
     if self.dense is None:
         return None
-    return super(type(self), self).forward(hidden_states)
+    return type(self)._bench_base.forward(self, hidden_states)
 
 
 @register_model_family("bert")
@@ -82,7 +82,12 @@ class BertAdapter(hf.LanguageMasks, ModelAdapter):
         "bert_micro": {"model_type": "bert", **_MICRO, "max_position_embeddings": 128},
         "roberta_micro": {"model_type": "roberta", **_MICRO, **_ROBERTA, "max_position_embeddings": 130},
     }
-    DEFAULT_ATTENTION_SCALE = "sliced"     # UPop's official BERT code: 1/sqrt(kept head_dim)
+    # Without a method's own attention_scale, removed head dims keep the pretrained softmax scale 1/sqrt(original
+    # head_dim): VTrans/TVA-Prune (oshindutta/TVAprune) and CoFi (princeton-nlp/CoFiPruning) remove whole heads
+    # only, so their scale never changes; "sliced" (1/sqrt(kept head_dim), UPop's rule for BLIP's text encoder,
+    # which the cards' UPop rows set explicitly) changes a pretrained model's outputs before any retraining.
+    DEFAULT_ATTENTION_SCALE = "fixed"
+    VERSION = 2   # 2: default attention_scale fixed (was sliced)
 
     # --- build -------------------------------------------------------------------------------
     @property
@@ -111,6 +116,10 @@ class BertAdapter(hf.LanguageMasks, ModelAdapter):
 
     def _layers(self, model):
         return getattr(model, self.base).encoder.layer
+
+    def shard_units(self, model):
+        """sharding: fsdp: one unit per encoder layer."""
+        return list(self._layers(model))
 
     def _head_prefix(self) -> str:
         return "classifier.dense" if self.base == "roberta" else "bert.pooler.dense"

@@ -179,8 +179,8 @@ def test_head_dim_attention_scale_option():
     adapter, model = build("bert_micro")
     st = adapter.structure(model, ["head_dim"])
     keep = {g.name: torch.arange(g.size) < 4 for g in st}
-    sliced = extract(copy.deepcopy(model), adapter, st, keep)              # BERT default: UPop's official code
-    fixed = extract(copy.deepcopy(model), adapter, st, keep, {"attention_scale": "fixed"})
+    sliced = extract(copy.deepcopy(model), adapter, st, keep, {"attention_scale": "sliced"})   # UPop's rule
+    fixed = extract(copy.deepcopy(model), adapter, st, keep)               # BERT default: the pretrained scale
     assert sliced.bert.encoder.layer[0].attention.self.scaling == pytest.approx(4 ** -0.5)
     assert fixed.bert.encoder.layer[0].attention.self.scaling == pytest.approx(16 ** -0.5)
     st_h = adapter.structure(model, ["head"])

@@ -379,12 +379,14 @@ def _first(task, recipe=None, seed=3, bs=8):
 
 
 def test_micro_batches_without_augmentation_keys_are_unchanged(inet):
-    """No augmentation key: the batch-wise crop + flip of before, draw for draw (cached results rely on it)."""
+    """No augmentation key: the batch-wise crop + flip, draw for draw: the order from Generator(seed), the
+    first micro-batch's crops from its own generator (tasks.common.batching)."""
+    from tasks.common.batching import batch_seed
     x, y = inet._micro_split("train")
-    g = torch.Generator().manual_seed(3)
-    perm = torch.randperm(x.shape[0], generator=g)
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(3))
     idx = perm[:8]
     from tasks.imagenet import _normalize
+    g = torch.Generator().manual_seed(batch_seed(3, 0))
     ref = _normalize(random_resized_crop_flip(x[idx], 32, g, scale=(0.6, 1.0)))
     for recipe in (None, R(), R(crop_scale=[0.6, 1.0], hflip=0.5, label_smoothing=0.1)):
         xb, yb = _first(inet, recipe)

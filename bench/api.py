@@ -106,6 +106,15 @@ class ModelAdapter:
         from bench.errors import BenchError
         raise BenchError(f"model family {self.family or type(self).__name__} does not implement drop_path")
 
+    def shard_units(self, model: nn.Module) -> list[nn.Module]:
+        """The submodules that the recipe's `sharding: fsdp` shards one by one (bench.sharding: torch FSDP2's
+        fully_shard on each, deepest first, then on the root): the repeated Transformer blocks, so that a block's
+        weights are gathered whole only during its own forward and backward. Submodules of `model`, never the
+        root. Default: none (the root is the only unit: the whole model is gathered for the forward, while the
+        gradients and optimizer states stay sharded). A family whose forward cannot run on sharded parameters
+        raises BenchError saying why."""
+        return []
+
     def example_inputs(self, batch_size: int, device) -> tuple:
         """Inputs for `bench flops --model` / `bench speed --model` without a card (a family whose model takes
         one plain input, e.g. an image batch of its image size, implements it). Default: one clear line saying
@@ -191,10 +200,14 @@ class TaskAdapter:
         """Called once the dense model is built/loaded, before any training: raise BenchError if the model
         cannot take this task's inputs (e.g. a tokenizer whose ids exceed the model's embedding rows)."""
 
-    def train_batches(self, batch_size: int, seed: int, recipe=None):
+    def train_batches(self, batch_size: int, seed: int, recipe=None, shard=None):
         """Endless iterator of training batches (on CPU). `recipe` (a bench.recipe.TrainRecipe, or None for the
         task's plain batches) carries the data-side keys the task implements (RECIPE_KEYS): augmentation,
-        mixup/cutmix; `bench.training.train` always passes it as a keyword."""
+        mixup/cutmix; `bench.training.train` always passes it as a keyword. `shard=(rank, world)`: only the
+        micro-batches i with i mod world == rank of the same stream, each exactly as without shard, and only
+        those are loaded (`tasks.common.batching.micro_batches` does both); a task may leave `shard` out of its
+        signature, and then every rank draws the whole stream and keeps its share
+        (`bench.distributed.rank_batches`)."""
         raise NotImplementedError
 
     def steps_per_epoch(self, batch_size: int) -> int:
@@ -204,6 +217,20 @@ class TaskAdapter:
     def loss(self, model: nn.Module, batch, device, recipe=None) -> torch.Tensor:
         """Training loss of one batch; `recipe` as for train_batches (e.g. label smoothing)."""
         raise NotImplementedError
+
+    def on_train_step(self, model: nn.Module, step: int, steps_per_epoch: int, recipe=None) -> None:
+        """Called by `bench.training.train` once per optimizer step, before its forward(s): `step` is the
+        0-based optimizer step of this training phase (a resumed phase continues its count), `steps_per_epoch`
+        that phase's, `recipe` its TrainRecipe. For a task's per-step state that depends on where the phase
+        is, such as the retrieval tasks' distillation-alpha ramp over the first epoch (recipe
+        `distill_alpha_warmup`). Default: nothing."""
+
+    def evaluate_for_selection(self, model: nn.Module, split: str, device, metric: str) -> dict:
+        """What `selection: paper` (bench.selection.EpochSelection) evaluates after an epoch; it reads `metric`
+        from the result. Default: `evaluate(model, split, device)`. A task whose official scripts select with a
+        cheaper or different evaluation than the reported one overrides it (ADE20K: single scale, the selection
+        stride)."""
+        return self.evaluate(model, split, device)
 
     def forward(self, model: nn.Module, batch, device, output_hidden_states: bool = False) -> ModelOutput:
         """The model on one batch, as a ModelOutput: what methods that read outputs (distillation) call instead

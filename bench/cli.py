@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="samples per forward/backward in every training phase (overrides the cards' "
                         "micro_batch_size; auto: the largest that fits the GPU); the effective batch, steps and "
                         "schedule stay the card's (not part of any config hash; recorded per phase)")
+    s.add_argument("--sharding", choices=("none", "fsdp"), default=None,
+                   help="fsdp: every training phase under torchrun trains a fully-sharded copy of the model (torch "
+                        "FSDP2: parameters, gradients and optimizer states split over the ranks; README \"Several "
+                        "GPUs\"), overriding the cards' sharding key; ignored in one process (recorded per phase)")
     s.add_argument("--force", action="store_true",
                    help="run the selected cells again even where a finished record exists (it is replaced)")
     g = s.add_argument_group("many cells: workers and launchers (README: \"Many cells\")")
@@ -318,6 +322,8 @@ def cmd_run(args):
         pargs.append("--bench-quiet")
     if args.micro_batch is not None:
         pargs += ["--bench-micro-batch", str(args.micro_batch)]
+    if args.sharding is not None:
+        pargs += ["--bench-sharding", args.sharding]
     if args.force:
         pargs.append("--bench-force")
     from bench.workers import default_workers
@@ -391,7 +397,7 @@ def _run_jobs(args, card, cells, paths) -> int:
         max_timeouts=args.max_timeouts, slurm_args=launch.parse_slurm_args(args.slurm_arg))
     train_options = {"checkpoint_every_steps": args.checkpoint_every_steps,
                      "checkpoint_every_minutes": args.checkpoint_every_minutes, "quiet": args.quiet,
-                     "micro_batch": args.micro_batch}
+                     "micro_batch": args.micro_batch, "sharding": args.sharding}
     if args.launcher == "slurm" and not (args.checkpoint_every_steps or args.checkpoint_every_minutes):
         train_options["checkpoint_every_minutes"] = 10.0   # a pre-empted job loses at most ~10 minutes
         print("training-state checkpoints every 10 minutes (a requeued job resumes from the last one); "

@@ -51,8 +51,12 @@ What is exact and what is estimated
   per-layer 34sh bytes (flash attention) to 34sh + 5as^2 bytes (attention scores kept). Usable memory = 90% of
   --gpu-memory (CUDA context, allocator fragmentation, kernel workspaces). Largest micro-batch =
   floor((usable - state) / activations per sample); when the state alone does not fit, FSDP full sharding
-  (state / N per GPU) is tried (with a batch smaller than N, the state is still sharded over all N GPUs while
-  only `batch` of them compute). Gradient accumulation = ceil(per-GPU share of the batch / largest micro-batch).
+  (state / N per GPU: the recipe key `sharding: fsdp`, bench.sharding) is tried (with a batch smaller than N, the
+  state is still sharded over all N GPUs while only `batch` of them compute), plus the model's whole fp32 copy
+  (4 bytes per param) for phases whose per-step callback reads the model (UPop's search, SGMP's gradual run, a
+  finetune with selection paper); phases that cannot be sharded (VTrans's phase 1, its own loop with the
+  teacher; GOHSP's ADMM, whose penalty reads the weights) are not. Gradient accumulation = ceil(per-GPU share of
+  the batch / largest micro-batch).
 
 Published costs this plan is compared with (in the output's notes)
 -------------------------------------------------------------------
@@ -133,18 +137,21 @@ def largest_micro_batch(state_bytes: float, act_bytes_per_sample: float, gpu_mem
 
 
 def fit_batch(state_bytes: float, act_bytes_per_sample: float, batch_size: int, gpus: int,
-              gpu_memory_gib: float) -> dict:
+              gpu_memory_gib: float, no_sharding: str | None = None, whole_bytes: float = 0.0) -> dict:
     """Micro-batch and gradient accumulation for an effective batch on `gpus` GPUs.
-    DDP (state replicated) if it fits, else FSDP full sharding (state / gpus), else it does not fit."""
+    DDP (state replicated) if it fits, else FSDP full sharding (state / gpus, plus `whole_bytes` replicated: the
+    model's whole copy a per-step callback reads), unless `no_sharding` says why the phase cannot be sharded,
+    else it does not fit."""
     n_eff = max(1, min(int(gpus), int(batch_size)))
     share = math.ceil(int(batch_size) / n_eff)
     mode, state = "ddp", float(state_bytes)
     max_micro = largest_micro_batch(state, act_bytes_per_sample, gpu_memory_gib)
-    if max_micro < 1 and gpus > 1:
-        mode, state = "fsdp", state_bytes / gpus
+    if max_micro < 1 and gpus > 1 and not no_sharding:
+        mode, state = "fsdp", state_bytes / gpus + whole_bytes
         max_micro = largest_micro_batch(state, act_bytes_per_sample, gpu_memory_gib)
     if max_micro < 1:
-        return {"fits": False, "mode": mode, "gpus": int(gpus), "state_bytes": state, "act_bytes": act_bytes_per_sample,
+        return {"fits": False, "mode": mode, "no_sharding": no_sharding, "gpus": int(gpus), "state_bytes": state,
+                "act_bytes": act_bytes_per_sample,
                 "share": share, "max_micro": 0, "micro": None, "accum": None,
                 "peak_bytes": peak_memory_bytes(state, act_bytes_per_sample, 1), "gpus_used": n_eff}
     accum = math.ceil(share / max_micro)
@@ -344,22 +351,25 @@ def _method_phases(cfg: dict) -> list:
     finetune = bool(cls.finetune)
     key = cls.settings_key or m
     if key == "upop":
-        phases.append(("search", float(s["search_epochs"]), int(s["batch_size"]), "dense", {}))
+        phases.append(("search", float(s["search_epochs"]), int(s["batch_size"]), "dense", {"whole_copy": True}))
     elif key == "gohsp":
         bs = s.get("batch_size") or (ft["batch_size"] if ft else 64)
         phases.append(("calibration", None, int(s["calib_batch_size"]), "dense",
                        {"forward_only": True, "batches": int(s["calib_batches"])}))
-        phases.append(("admm", float(s["admm_epochs"]), int(bs), "dense", {"admm": True}))
+        phases.append(("admm", float(s["admm_epochs"]), int(bs), "dense",
+                       {"admm": True, "no_sharding": "GOHSP's ADMM penalty reads the weights"}))
     elif "epochs" in s and "batch_size" in s and m.endswith("vtrans"):
         o.update({k: v for k, v in s.items() if k in o and v is not None})   # profile overrides of options
         finetune = bool(o.get("weight_finetune", True))
         phases.append(("phase1", float(s["epochs"]), int(s["batch_size"]), "dense",
                        {"subset": o.get("subset"), "frozen": not o.get("train_weights", True),
-                        "teacher": o.get("distill", "none") != "none"}))
+                        "teacher": o.get("distill", "none") != "none",
+                        "no_sharding": "VTrans's own loop (methods/vtrans.py) with its teacher is not sharded"}))
     if cls.uses_finetune_budget and not cls.finetune and ft:   # SGMP: the gradual run is the finetune, dense-size
-        phases.append(("gradual", float(ft["epochs"]), int(ft["batch_size"]), "dense", {}))
+        phases.append(("gradual", float(ft["epochs"]), int(ft["batch_size"]), "dense", {"whole_copy": True}))
     elif finetune and ft:
-        phases.append(("finetune", float(ft["epochs"]), int(ft["batch_size"]), "pruned", {}))
+        phases.append(("finetune", float(ft["epochs"]), int(ft["batch_size"]), "pruned",
+                       {"whole_copy": ft.get("selection") == "paper"}))
     return phases
 
 
@@ -396,7 +406,8 @@ def _phase_cost(name, epochs, batch, extras, costs, train_n, settings) -> dict:
         state += params * FROZEN_STATE_BYTES
     if extras.get("admm"):
         state += costs.get("prunable_params", params) * ADMM_BYTES
-    fit = fit_batch(state, costs["act_bytes"], batch, gpus, mem)
+    fit = fit_batch(state, costs["act_bytes"], batch, gpus, mem, no_sharding=extras.get("no_sharding"),
+                    whole_bytes=params * FROZEN_STATE_BYTES if extras.get("whole_copy") else 0.0)
     gh = gpu_hours(macs, util, tflops)
     return {"name": name, "epochs": epochs, "batch": batch, "train_size": n, "steps": steps,
             "steps_per_epoch": None if extras.get("forward_only") else max(1, n // batch),
@@ -638,10 +649,11 @@ def _phase_detail(p: dict) -> str:
         head = (f"{p['name']}: {p['epochs']:g} epochs x {p['steps_per_epoch']:,} steps/epoch ({p['train_size']:,} // "
                 f"{p['batch']}) = {p['steps']:,} steps; {p['factor']}x{' + teacher 1x' if p['teacher'] else ''} forward "
                 f"{p['fwd_macs'] / 1e9:.3g} GMACs x {p['batch']} = {p['macs_per_step'] / 1e12:.3g} TMACs/step")
-    mem = (f"state {_gib(m['state_bytes'])} GiB{' (fsdp-sharded)' if m['mode'] == 'fsdp' else ''} + "
+    mem = (f"state {_gib(m['state_bytes'])} GiB{' (fsdp-sharded: sharding: fsdp)' if m['mode'] == 'fsdp' else ''} + "
            f"{m['act_bytes'] / 2 ** 20:,.0f} MiB/sample")
     if m["fits"]:
         mem += f", micro {m['micro']} x accum {m['accum']} x {m['gpus_used']} GPUs, peak {_gib(m['peak_bytes'])} GiB"
     else:
-        mem += ", does not fit even at micro-batch 1"
+        mem += ", does not fit even at micro-batch 1" + (f" (no sharding: {m['no_sharding']})"
+                                                        if m.get("no_sharding") else "")
     return f"{head}; {_num(p['gpu_hours'])} GPU-h; {mem}"

@@ -52,6 +52,8 @@ def pytest_addoption(parser):
                 help="training-state checkpoint every M minutes of each training phase (0: off)")
     g.addoption("--bench-quiet", action="store_true", help="no progress lines while a training phase runs")
     g.addoption("--bench-micro-batch", default=None, help="micro-batch of every training phase (N or auto)")
+    g.addoption("--bench-sharding", default=None, choices=("none", "fsdp"),
+                help="sharding of every training phase under torchrun (overrides the cards' sharding key)")
     g.addoption("--bench-force", action="store_true", help="run the selected cells again, even those with a record")
     g.addoption("--bench-cells", default=None,
                 help="a JSON file of the cells to run, as `bench run` expanded them (then they are not expanded "
@@ -155,7 +157,8 @@ def _session(config):
                                         checkpoint_every_steps=config.getoption("--bench-checkpoint-every-steps"),
                                         checkpoint_every_minutes=config.getoption("--bench-checkpoint-every-minutes"),
                                         quiet=config.getoption("--bench-quiet"),
-                                        micro_batch=parse_micro_batch(config.getoption("--bench-micro-batch")))
+                                        micro_batch=parse_micro_batch(config.getoption("--bench-micro-batch")),
+                                        sharding=config.getoption("--bench-sharding"))
     return config._bench_session
 
 

@@ -21,7 +21,9 @@ TASK_RECIPE_KEYS = ("label_smoothing", "mixup", "cutmix", "cutmix_minmax", "mixu
                     "mixup_mode", "auto_augment", "color_jitter", "crop_scale", "hflip", "reprob", "remode",
                     "recount")
 BLIP_RECIPE_KEYS = ("randaugment",)
-DATA_RECIPE_KEYS = TASK_RECIPE_KEYS + BLIP_RECIPE_KEYS
+# DISTILL_RECIPE_KEYS: the ITC distillation of the retrieval tasks (TaskAdapter.on_train_step sets it per step)
+DISTILL_RECIPE_KEYS = ("distill_alpha_warmup",)
+DATA_RECIPE_KEYS = TASK_RECIPE_KEYS + BLIP_RECIPE_KEYS + DISTILL_RECIPE_KEYS
 MODEL_RECIPE_KEYS = ("drop_path",)
 
 
@@ -52,6 +54,12 @@ class TrainRecipe(OptionsModel):
         "auto", description="auto: bf16 autocast on CUDA (fp32 where the GPU has no bf16), fp32 on CPU; bf16: "
                             "torch.autocast bfloat16 (CPU too); fp16: autocast float16 with a GradScaler (CUDA only); "
                             "fp32: no autocast")
+    sharding: Literal["none", "fsdp"] = Field(
+        "none", description="data parallel only (torchrun, world size > 1; ignored in one process). none: every rank "
+                            "holds the whole model, its gradients and optimizer states; fsdp: the phase trains a "
+                            "fully-sharded copy (torch FSDP2 fully_shard on the model family's repeated blocks, "
+                            "bench.sharding): weights, gradients and optimizer states split over the ranks, the model "
+                            "whole again on every rank after the phase; fp16 refused (use bf16)")
     # optimizer
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw (DeiT, BLIP, UPop) or sgd with momentum (Segmenter)")
     weight_decay: NonNegFloat = Field(0.05, description="decoupled (AdamW) or L2 (SGD) weight decay")
@@ -90,15 +98,28 @@ class TrainRecipe(OptionsModel):
                           "Brightness, Sharpness, Equalize, ShearX/Y, TranslateX/Y, Rotate, each applied with "
                           "probability 0.5 at level m (tasks.common.blip_augment; the BLIP tasks nlvr2, vqa, "
                           "caption_coco, retrieval_coco/flickr implement it; none: off)")
+    distill_alpha_warmup: Literal["none", "first_epoch"] = Field(
+        "none", description="the ITC momentum-distillation weight alpha of the retrieval tasks (BLIP, CLIP). none: "
+                            "the model's constant alpha; first_epoch: alpha x min(1, step / steps_per_epoch), a linear "
+                            "ramp from 0 over the first epoch of every training phase, as the official train() "
+                            "(sdc17/UPop compress_retrieval.py l. 88-91, compress_retrieval_clip.py l. 103-106: `alpha "
+                            "= config['alpha']*min(1,i/len(data_loader))` in epoch 0); the UPop search takes it from "
+                            "the finetune block (retrieval_coco/flickr implement it)")
     reprob: Fraction = Field(0.0, description="random erasing probability (timm.data.RandomErasing)")
     remode: Literal["pixel", "const", "rand"] = Field("pixel", description="random erasing fill")
     recount: PositiveInt = Field(1, description="random erasing count")
     # checkpoint selection (the runner's finetune only)
     selection: Literal["final", "paper"] = Field(
         "final", description="finetune only. final: the model after the last epoch (the clean protocol); paper: "
-                             "evaluate after every epoch on selection_split and keep the epoch with the best "
-                             "selection_metric, as the official scripts keep checkpoint_best (the row is labelled "
-                             "'(best-epoch on <split>)' in the table and CSV: selection on an evaluated split)")
+                             "evaluate after every epoch (or every selection_every-th) on selection_split and keep the "
+                             "epoch with the best selection_metric, as the official scripts keep checkpoint_best (the "
+                             "row is labelled '(best-epoch on <split>)' in the table and CSV: selection on an "
+                             "evaluated split)")
+    selection_every: PositiveInt = Field(
+        1, description="selection paper: evaluate after every N-th epoch (epochs 1, N + 1, 2N + 1, ... counted from 1) "
+                       "and after the last one, as Segmenter's `epoch % eval_freq == 0 or epoch == num_epochs - 1` "
+                       "with 0-based epochs (sdc17/UPop compress_segmenter.py l. 420; eval_freq 2 for ADE20K, "
+                       "rstrudel/segmenter segm/config.yml l. 108); 1: every epoch")
     selection_split: str | None = Field(
         None, description="selection paper: the split evaluated after every epoch (none: the split of the card's "
                           "primary metric, e.g. dev for NLVR2)")
@@ -116,14 +137,18 @@ class TrainRecipe(OptionsModel):
             raise ValueError(f"crop_scale must be 0 < low <= high <= 1, got {self.crop_scale}")
         if self.label_smoothing >= 1:
             raise ValueError("label_smoothing must be below 1")
-        if self.selection == "final" and (self.selection_split is not None or self.selection_metric is not None):
-            raise ValueError("selection_split / selection_metric are for selection: paper (selection is final)")
+        if self.selection == "final" and (self.selection_split is not None or self.selection_metric is not None
+                                          or self.selection_every != 1):
+            raise ValueError("selection_split / selection_metric / selection_every are for selection: paper "
+                             "(selection is final)")
         if isinstance(self.micro_batch_size, int) and self.batch_size % self.micro_batch_size:
             raise ValueError(f"micro_batch_size {self.micro_batch_size} does not divide batch_size {self.batch_size} "
                              f"(batch_size is the effective batch: give a micro_batch_size that divides it)")
         return self
 
-    HASH_STABLE_KEYS: ClassVar[tuple] = ("randaugment",)   # added after cells were recorded (OptionsModel.to_dict)
+    # added after cells were recorded (OptionsModel.to_dict): at their defaults they keep every cell's hash
+    HASH_STABLE_KEYS: ClassVar[tuple] = ("randaugment", "distill_alpha_warmup", "selection_every",
+                                         "sharding")
 
     def changed_keys(self) -> set:
         """The keys set to something other than their default (what a task or model must honour)."""

@@ -253,7 +253,7 @@ class Session:
     """Shared state of one run: paths, the loaded tasks and dense models (cached on disk by hash)."""
 
     def __init__(self, paths: Paths, log=print, checkpoint_every_steps: int = 0, checkpoint_every_minutes: float = 0.0,
-                 quiet: bool = False, micro_batch: int | str | None = None):
+                 quiet: bool = False, micro_batch: int | str | None = None, sharding: str | None = None):
         from bench import distributed as dist
         self.paths = paths
         self.log = log if dist.is_main() else (lambda msg: None)   # data parallel: rank 0 logs
@@ -262,7 +262,7 @@ class Session:
         # how the run is carried out, not what it computes, so they are not in any config hash
         self.train_options = {"state_every_steps": checkpoint_every_steps,
                               "state_every_minutes": checkpoint_every_minutes, "quiet": quiet,
-                              "micro_batch": micro_batch}
+                              "micro_batch": micro_batch, "sharding": sharding}
 
     def task(self, cfg):
         key = (cfg["task"], cfg["profile"], config_hash(cfg["data"]))

@@ -35,6 +35,9 @@ from bench.atomic import atomic_write
 STATE_VERSION = 1
 KEEP = 2
 REPORTING_KEYS = ("log_every",)   # recipe keys that do not change the result: not in the fingerprint
+# recipe keys of how a phase is laid out over the ranks, not of what it computes: not in the fingerprint either (a
+# phase under sharding: fsdp writes the same checkpoint as without, bench.sharding, so each resumes the other)
+LAYOUT_KEYS = ("sharding",)
 
 
 def fingerprint(phase: str, recipe, total: int, steps_per_epoch: int, accum: int, seed: int,
@@ -42,7 +45,7 @@ def fingerprint(phase: str, recipe, total: int, steps_per_epoch: int, accum: int
     """What a checkpoint must have been written for to be resumed from (the resolved precision and the device
     type too: a dense model's cache folder is shared by CPU and CUDA runs; the data-parallel world size, whose
     checkpoints hold one RNG state per rank and count the batches each rank drew)."""
-    r = {k: v for k, v in recipe.model_dump(mode="json").items() if k not in REPORTING_KEYS}
+    r = {k: v for k, v in recipe.model_dump(mode="json").items() if k not in REPORTING_KEYS + LAYOUT_KEYS}
     fp = {"version": STATE_VERSION, "phase": phase, "recipe": r, "total": total,
           "steps_per_epoch": steps_per_epoch, "accumulation_steps": accum, "seed": seed,
           "precision": precision, "device": device}

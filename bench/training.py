@@ -242,7 +242,7 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
           state_dir=None, state_every_steps: int | None = None, state_every_minutes: float | None = None,
           state_hooks: tuple[Callable[[], object], Callable[[object], None]] | None = None, quiet: bool = False,
           micro_batch: int | str | None = None,
-          sync_tensors: Callable[[], list] | None = None, **recipe_fields) -> dict:
+          sync_tensors: Callable[[], list] | None = None, sharding: str | None = None, **recipe_fields) -> dict:
     """Train `model` on `task` as `recipe` says (or the recipe made of the keyword `recipe_fields`: epochs,
     lr, batch_size, ... as in a card's finetune block; an unknown key is a BenchError). `adapter` (the model's
     ModelAdapter) declares the no-decay tensors and implements drop_path. `on_step(step, total)` runs after
@@ -286,11 +286,19 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
     recipe = as_recipe(recipe, **recipe_fields)
     if micro_batch is not None:   # --micro-batch: how the run is carried out, the card's effective batch kept
         recipe = recipe.model_copy(update={"micro_batch_size": micro_batch})
+    if sharding is not None:      # --sharding: how the run is carried out (bench.sharding), the card's recipe kept
+        recipe = recipe.model_copy(update={"sharding": sharding})
     check_recipe(recipe, task, adapter)
     precision = resolve_precision(recipe.precision, device)
     from bench import distributed as dist
     world, rank = dist.world_size(), dist.rank()
     main = rank == 0
+    from bench.sharding import ShardedTwin, check_sharding
+    sharded = check_sharding(recipe.sharding, precision, world, phase)
+    sharding_note = (f"{phase}: sharding {recipe.sharding} ignored in one process (world size 1)"
+                     if recipe.sharding != sharded else None)
+    if sharding_note is not None and log is not None:
+        log(sharding_note)
     auto = recipe.micro_batch_size == "auto"
     micro = recipe.batch_size if auto else (recipe.micro_batch_size or recipe.batch_size)
     if recipe.batch_size % micro:      # a TrainRecipe refuses it already; a hand-made one too
@@ -328,9 +336,21 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
     autocast = (lambda: torch.autocast(dev_type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
     undo = _apply_drop_path(model, adapter, recipe.drop_path) if recipe.drop_path is not None else None
     model.to(device).train()
+    twin, offloaded = None, False
+    outside_tensors = [t for _, t in _tensors_outside(model, params)]
+    if sharded == "fsdp" and total:   # bench.sharding: a fully-sharded twin trains; `model` gets its weights at the end
+        dist.broadcast_module(model)   # every rank starts from rank 0's weights (and copies its own shards from them)
+        twin = ShardedTwin(model, adapter, device, outside_tensors, phase)
+        opt = make_optimizer(twin.twin_groups(opt.param_groups), recipe)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        model.zero_grad(set_to_none=True)
+        if dev_type != "cpu" and on_step is None:   # nothing reads the whole model during the phase: off the GPU
+            model.to("cpu")
+            offloaded = True
+    net = twin.module if twin is not None else model   # the module the forward runs on
     probe = None
     if auto and total:   # the largest micro-batch that fits, the same on every rank; the accumulation follows
-        micro, probe = auto_micro_batch(model, task, recipe, device, micro, autocast, params, seed)
+        micro, probe = auto_micro_batch(net, task, recipe, device, micro, autocast, params, seed)
         micro = -int(dist.all_reduce_max(torch.tensor([-micro])).item())
         accum = recipe.batch_size // (micro * world)
         if log is not None and probe["probed"]:
@@ -338,8 +358,11 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
     synced = []   # data parallel: the tensors whose gradients are averaged over the ranks after each step
     if world > 1:
         log = log if main else None
-        dist.broadcast_module(model)   # every rank starts from rank 0's weights
-        synced = params + [t for _, t in _tensors_outside(model, params)]
+        if twin is None:
+            dist.broadcast_module(model)   # every rank starts from rank 0's weights
+            synced = params + outside_tensors
+        else:   # FSDP reduces the sharded gradients; the replicated 0-dim parameters and the masks are averaged here
+            synced = twin.replicated + outside_tensors
         if rank:   # each rank its own dropout / drop-path draws (the data order is the global one, sharded)
             torch.manual_seed(seed + 1000003 * rank)
     t0 = time.perf_counter()
@@ -351,17 +374,29 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
           if store is not None else None)
     progress = None
     try:
-        batches = dist.shard(task.train_batches(micro, seed, recipe=recipe)) if total else iter(())
+        batches = dist.rank_batches(task, micro, seed, recipe=recipe) if total else iter(())
         found = store.latest(fp) if store is not None and main else None
-        if world > 1 and store is not None:   # the checkpoint rank 0 found, read by every rank
+        if twin is not None and store is not None:   # rank 0 alone reads the file; the rest reaches the others
+            head = dist.broadcast_object(None if found is None else (
+                {k: v for k, v in found[0].items() if k not in ("model", "optimizer")}, str(found[1])))
+            if head is not None:
+                from pathlib import Path
+                if main:
+                    model.load_state_dict(found[0]["model"])
+                dist.broadcast_module(model)     # the weights, tensor by tensor; each rank copies its shards
+                twin.push()
+                twin.load_optimizer_state(opt, found[0]["optimizer"] if main else None)
+                found = (head[0], Path(head[1]))
+        elif world > 1 and store is not None:   # the checkpoint rank 0 found, read by every rank
             where = dist.broadcast_object(str(found[1]) if found is not None else None)
             if where is not None and not main:
                 from pathlib import Path
                 found = (torch.load(where, map_location="cpu", weights_only=True), Path(where))
         if found is not None:
             state, path = found
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
+            if twin is None:   # (sharded: loaded above)
+                model.load_state_dict(state["model"])
+                opt.load_state_dict(state["optimizer"])
             if scaler is not None and state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
             start, drawn = state["step"], state["batches_drawn"]
@@ -387,12 +422,15 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
             for g in opt.param_groups:
                 g["lr"] = cur
             opt.zero_grad(set_to_none=True)
+            hook = getattr(task, "on_train_step", None)   # TaskAdapter.on_train_step (a duck-typed task may lack it)
+            if hook is not None:
+                hook(net, step, steps_per_epoch, recipe)
             step_loss = 0.0
             for i in range(accum):
                 batch = next(batches)
                 drawn += 1
                 with autocast():
-                    loss = task.loss(model, batch, device, recipe=recipe)
+                    loss = task.loss(net, batch, device, recipe=recipe)
                 if accum > 1:
                     loss = loss / accum
                 if extra_loss is not None and i == accum - 1:
@@ -402,6 +440,13 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
                     raise CellFailure(f"non-finite loss ({loss.item()}) at step {step}/{total}{where}")
                 (scaler.scale(loss) if scaler is not None else loss).backward()
                 step_loss += loss.item()
+            if twin is not None and step == start and twin.caller_grads():
+                leaked = twin.caller_grads()
+                names = ", ".join(leaked[:3]) + (", ..." if len(leaked) > 3 else "")
+                raise BenchError(f"training recipe ({phase}): sharding fsdp: the model's own parameters got gradients "
+                                 f"outside the sharded copy ({names}): this phase's extra_loss reads the weights (e.g. "
+                                 f"an ADMM penalty), which the sharded copy would not train; run this phase with "
+                                 f"sharding: none")
             if world > 1:   # the step's loss is the mean over the ranks; all ranks stop together on a NaN
                 per_rank = dist.per_rank_values(step_loss)
                 bad = [r for r, v in enumerate(per_rank) if not math.isfinite(v)]
@@ -413,7 +458,8 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
             if recipe.clip_grad is not None:
                 if scaler is not None:
                     scaler.unscale_(opt)
-                norm = torch.nn.utils.clip_grad_norm_(params, recipe.clip_grad)
+                norm = (twin.clip_grad_norm_(params, recipe.clip_grad) if twin is not None
+                        else torch.nn.utils.clip_grad_norm_(params, recipe.clip_grad))
                 clipped += int(bool(norm > recipe.clip_grad))
             if scaler is not None:
                 scaler.step(opt)
@@ -421,7 +467,11 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
             else:
                 opt.step()
             if on_step is not None:
+                if twin is not None:   # on_step reads and may change the model: whole for it, its changes sharded again
+                    twin.pull()
                 on_step(step, total)
+                if twin is not None:
+                    twin.push()
             losses.append(step_loss)
             lrs.append(cur)
             le = recipe.log_every
@@ -430,19 +480,32 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
             progress.update(step + 1, step_loss, cur)
             if store is not None and dist.agree(store.due(step + 1, total) if main else False):
                 rngs = dist.all_gather_object(rng_state()) if world > 1 else None
+                opt_state = None
+                if twin is not None:   # the non-sharded checkpoint: the whole weights and optimizer states, gathered
+                    if on_step is None:
+                        twin.pull()
+                    opt_state = twin.gather_optimizer_state(opt)
                 if main:
                     store.save({"fingerprint": fp, "step": step + 1, "batches_drawn": drawn,
-                                "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                "model": model.state_dict(),
+                                "optimizer": opt_state if twin is not None else opt.state_dict(),
                                 "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_state(),
                                 "losses": losses, "lrs": lrs, "clipped": clipped,
                                 "seconds": seconds_before + time.perf_counter() - t0,
                                 "hooks": state_hooks[0]() if state_hooks is not None else None,
                                 **({"rng_by_rank": rngs} if rngs is not None else {})}, step + 1)
+        if twin is not None:   # the trained weights, whole, into the caller's model on every rank
+            twin.pull()
     finally:
         if progress is not None:
             progress.close()
         if undo is not None:
             undo()
+        if twin is not None:   # the sharded copy and its optimizer go; the model is back where it was
+            twin.close()
+            twin = net = opt = params = synced = None
+            if offloaded:
+                model.to(device)
     if store is not None and main:
         store.clear()
     if world > 1:
@@ -453,7 +516,8 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
              "seconds": seconds_before + time.perf_counter() - t0, "optimizer": recipe.optimizer,
              "lr_first": lrs[0] if lrs else None, "lr_last": lrs[-1] if lrs else None,
              "param_groups": stats_groups, "precision": precision, "micro_batch_size": micro,
-             "accumulation_steps": accum, "world_size": world, **resumed,
+             "accumulation_steps": accum, "world_size": world, "sharding": sharded, **resumed,
+             **({"sharding_note": sharding_note} if sharding_note is not None else {}),
              **({"micro_batch_probe": probe} if probe is not None else {})}
     if recipe.clip_grad is not None:
         stats["clipped_steps"] = clipped

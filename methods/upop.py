@@ -36,7 +36,8 @@ Profile settings (card `profiles.<p>.upop`): search_epochs, lr (constant), batch
 interval (a number, or a mapping from p to interval with a `default`), w_sp_attn, w_sp_mlp; all required but
 weight_decay (0.05), weight_decay_groups and drop_path (the recipe keys of the same names, for the search): the
 sparsity weights differ per table and a silent 0 would switch the L1 term off. The search draws its batches
-with the finetune block's `randaugment` (BLIP's RandomAugment): the official search and retrain share one loader.
+with the finetune block's `randaugment` (BLIP's RandomAugment): the official search and retrain share one loader;
+it takes the finetune block's `distill_alpha_warmup` too (the retrieval scripts' one train() ramps alpha in both).
 Both blocks are declared below (UPopOptions, UPopSettings).
 
 Ablations, registered separately so tables show them as the paper does:
@@ -285,6 +286,9 @@ class UPop(Method):
                           # the official search iterates the retrain's train_loader (BLIP's transform_train, e.g.
                           # compress_nlvr.py l. 181, 208, 250): its batches get the finetune block's randaugment
                           randaugment=ft.randaugment if ft is not None else None,
+                          # and its train() ramps the distillation alpha over epoch 0 of the search too
+                          # (compress_retrieval.py l. 88-91, compress_retrieval_clip.py l. 103-106)
+                          distill_alpha_warmup=ft.distill_alpha_warmup if ft is not None else "none",
                           on_step=on_step, extra_loss=l1 if (w_attn or w_mlp) else None,
                           state_hooks=(get_state, set_state))
         final = {n: m.detach().cpu() for n, m in masks.items()}

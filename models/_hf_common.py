@@ -106,8 +106,10 @@ _SUBCLASSES: dict = {}
 
 def swap_class(module: nn.Module, name: str, attrs: dict):
     """Give `module` a cached subclass of its original class carrying the given methods/attributes (parameter
-    names and isinstance checks unchanged). Several patches on one module merge into ONE subclass, so the
-    patched methods' `super(type(self), self)` is always the original class."""
+    names and isinstance checks unchanged). Several patches on one module merge into ONE subclass, and the
+    patched methods call the original class's by name (`type(self)._bench_base.forward(self, ...)`, not
+    `super(type(self), self)`, which recurses once something subclasses the patched class again, as FSDP's
+    fully_shard does: bench.sharding)."""
     cls = type(module)
     base = getattr(cls, "_bench_base", cls)
     merged = {**getattr(cls, "_bench_attrs", {}), **attrs}
@@ -140,7 +142,7 @@ def _meta_safe_forward(self, input_ids=None, *args, **kwargs):
         if am is not None:
             mask = mask + (1.0 - am[:, None, None, :].to(dtype)) * neg
         kwargs["attention_mask"] = mask
-    return super(type(self), self).forward(input_ids, *args, **kwargs)
+    return type(self)._bench_base.forward(self, input_ids, *args, **kwargs)
 
 
 def meta_safe(model: nn.Module, causal: bool):
@@ -311,7 +313,7 @@ def load_mapped(model, state: dict, rename, allowed_missing=(), what="checkpoint
 # `model.state_dict()` with safetensors, so the tied copy is left out of the state dict and re-tied on load.
 
 def _tied_state_dict(self, *args, **kwargs):
-    out = super(type(self), self).state_dict(*args, **kwargs)
+    out = type(self)._bench_base.state_dict(self, *args, **kwargs)
     prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
     for k in self._bench_tied_keys:
         out.pop(prefix + k, None)
@@ -319,7 +321,7 @@ def _tied_state_dict(self, *args, **kwargs):
 
 
 def _tied_load_state_dict(self, state_dict, strict=True, assign=False):
-    res = super(type(self), self).load_state_dict(state_dict, strict=False, assign=assign)
+    res = type(self)._bench_base.load_state_dict(self, state_dict, strict=False, assign=assign)
     missing = [k for k in res.missing_keys if k not in self._bench_tied_keys]
     if strict and (missing or res.unexpected_keys):
         raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: missing {missing[:5]}, "

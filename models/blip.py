@@ -556,8 +556,14 @@ class BlipRetrieval(BlipBase):
         self.register_buffer("idx_queue", torch.full((1, q), -100, dtype=torch.long))
         self.register_buffer("ptr_queue", torch.zeros(1, dtype=torch.long))
         self.momentum = float(cfg.get("momentum", 0.995))
-        self.alpha = float(cfg.get("alpha", 0.4))     # the task may ramp it over epoch 0 as BLIP does
+        self.distill_alpha = float(cfg.get("alpha", 0.4))
+        self.alpha = self.distill_alpha   # the current ITC alpha: the task may ramp it over epoch 0 as BLIP does
         self.negative_all_rank = bool(cfg.get("negative_all_rank", True))
+
+    def set_distill_alpha_scale(self, scale: float) -> None:
+        """ITC alpha = the config's alpha x scale (the task's ramp over the first epoch, recipe
+        distill_alpha_warmup; sdc17/UPop compress_retrieval.py l. 88-91)."""
+        self.alpha = self.distill_alpha * float(scale)
 
     PAIRS = (("visual_encoder", "visual_encoder_m"), ("vision_proj", "vision_proj_m"),
              ("text_encoder", "text_encoder_m"), ("text_proj", "text_proj_m"))
@@ -880,6 +886,18 @@ class BlipAdapter(ModelAdapter):
         layers = model.visual_encoder.layers
         for blk, r in zip(layers, calculate_drop_path_rates(float(rate), len(layers))):
             blk.drop_path = (DropPath(r) if r > 0 else nn.Identity()).train(blk.training)
+
+    def shard_units(self, model):
+        """sharding: fsdp: one unit per ViT layer and per layer of each text model (encoder, decoder). Retrieval:
+        none (the root alone): its forward takes the momentum encoders' EMA of every online parameter
+        (`_momentum_update`) at its start, which needs the online weights whole then; the frozen momentum
+        encoders stay replicated (bench.sharding)."""
+        if isinstance(model, BlipRetrieval):
+            return []
+        units = list(model.visual_encoder.layers)
+        for prefix, _ in self._text_modules(model):
+            units += list(model.get_submodule(prefix).encoder.layer)
+        return units
 
     # ------------------------------------------------------------------ extraction
     def fix_modules(self, model, structure, keep, options):

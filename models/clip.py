@@ -19,8 +19,15 @@ Unit kinds: `head_dim` and `ffn`, modality "vision" (visual.transformer) or "tex
 unit's slices include the momentum copy, so extraction cuts `clip_m` identically; afterwards the momentum
 copy is re-copied from the main model as the official `copy_params()` (option `copy_momentum`, default on).
 
+ITC options (arch config keys, a card's `model_config` overrides them): `distill_alpha` (0.4; the retrieval task
+scales it per step with `set_distill_alpha_scale`, recipe `distill_alpha_warmup`), `queue_features` ("momentum":
+the queue takes the momentum features, as BLIP; "main": the main model's, as the official CLIP forward) and
+`momentum_ln_final` ("own": the momentum text tower ends in its own EMA ln_final; "main": in the main model's, as
+the official encode_text_m). clip_vit_l14_336 sets both to the official choice, clip_micro keeps the defaults.
+
 Model API (shared with BLIP, see the VL contract): image_features / text_features / has_itm=False /
-retrieval_loss / forward(images, input_ids, attention_mask, idx=None, mode="inference"|"train").
+retrieval_loss / set_distill_alpha_scale / forward(images, input_ids, attention_mask, idx=None,
+mode="inference"|"train").
 Text pooling takes the last non-pad token (attention_mask), which is open_clip's EOT position for its own
 tokenizer (EOT is the last token before the zero padding) and [SEP] for the micro tokenizer.
 """
@@ -34,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench import distributed as dist
 from bench.api import ModelAdapter
 from bench.checkpoints import check_matches, load_state_dict
 from bench.errors import BenchError
@@ -117,9 +125,16 @@ class ClipRetrieval(nn.Module):
         self.clip = CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"], quick_gelu=cfg.get("quick_gelu", True))
         _instrument(self.clip)
         self.momentum = float(cfg.get("momentum", 0.995))
-        self.alpha = float(cfg.get("distill_alpha", 0.4))
+        self.distill_alpha = float(cfg.get("distill_alpha", 0.4))
+        self.alpha = self.distill_alpha      # the current ITC alpha: the task may ramp it (set_distill_alpha_scale)
         self.queue_size = int(cfg.get("queue_size", 0))
         self.use_momentum = bool(cfg.get("momentum_encoder", True))
+        self.queue_features = cfg.get("queue_features", "momentum")
+        if self.queue_features not in ("momentum", "main"):
+            raise BenchError(f"clip: queue_features must be 'momentum' or 'main', not {self.queue_features!r}")
+        self.momentum_ln_final = cfg.get("momentum_ln_final", "own")
+        if self.momentum_ln_final not in ("own", "main"):
+            raise BenchError(f"clip: momentum_ln_final must be 'own' or 'main', not {self.momentum_ln_final!r}")
         if self.use_momentum:
             self.clip_m = copy.deepcopy(self.clip)
             for p in self.clip_m.parameters():
@@ -137,11 +152,11 @@ class ClipRetrieval(nn.Module):
         return F.normalize(clip.visual(images), dim=-1)
 
     @staticmethod
-    def _encode_text(clip, input_ids, attention_mask):
+    def _encode_text(clip, input_ids, attention_mask, ln_final=None):
         L = input_ids.shape[1]
         x = clip.token_embedding(input_ids) + clip.positional_embedding[:L]
         causal = torch.full((L, L), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
-        x = clip.ln_final(clip.transformer(x, attn_mask=causal))
+        x = (ln_final if ln_final is not None else clip.ln_final)(clip.transformer(x, attn_mask=causal))
         last = (attention_mask.sum(1) - 1).clamp(min=0).long()
         x = x[torch.arange(x.shape[0], device=x.device), last]
         x = clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection
@@ -157,6 +172,10 @@ class ClipRetrieval(nn.Module):
         raise BenchError("CLIP has no ITM head: retrieval uses cosine similarity only (has_itm is False)")
 
     # ------------------------------------------------------------------ training
+    def set_distill_alpha_scale(self, scale: float) -> None:
+        """ITC alpha = distill_alpha x scale (the task's ramp over the first epoch, recipe distill_alpha_warmup)."""
+        self.alpha = self.distill_alpha * float(scale)
+
     @torch.no_grad()
     def copy_params(self):
         if self.use_momentum:
@@ -198,7 +217,9 @@ class ClipRetrieval(nn.Module):
                 if self.training:
                     self._momentum_update()
                 img_m = self._encode_image(self.clip_m, images)
-                txt_m = self._encode_text(self.clip_m, input_ids, attention_mask)
+                # official encode_text_m applies the main model's ln_final (momentum_ln_final main)
+                ln_m = self.clip.ln_final if self.momentum_ln_final == "main" else None
+                txt_m = self._encode_text(self.clip_m, input_ids, attention_mask, ln_m)
                 img_all = img_m.t() if not self.queue_size else torch.cat([img_m.t(), self.image_queue.clone()], 1)
                 txt_all = txt_m.t() if not self.queue_size else torch.cat([txt_m.t(), self.text_queue.clone()], 1)
                 t_i2t = self.alpha * F.softmax(scale * img_m @ txt_all, 1) + (1 - self.alpha) * targets
@@ -208,7 +229,12 @@ class ClipRetrieval(nn.Module):
         loss_i2t = -(F.log_softmax(scale * img @ txt_all, 1) * t_i2t).sum(1).mean()
         loss_t2i = -(F.log_softmax(scale * txt @ img_all, 1) * t_t2i).sum(1).mean()
         if self.queue_size and self.training and self.use_momentum:
-            self._enqueue(img_m, txt_m, idx)
+            # official CLIP forward: `_dequeue_and_enqueue(image_features, text_features, idxs)`, the main model's
+            # normalised features (queue_features main); BLIP's (and micro's default) the momentum ones; every
+            # rank's rows (concat_all_gather in _dequeue_and_enqueue; one process: this batch's)
+            main = self.queue_features == "main"
+            q_img, q_txt = (img.detach(), txt.detach()) if main else (img_m, txt_m)
+            self._enqueue(dist.gather_cat(q_img), dist.gather_cat(q_txt), dist.gather_cat(idx))
         return (loss_i2t + loss_t2i) / 2
 
     def forward(self, images, input_ids, attention_mask, idx=None, mode: str = "inference"):
@@ -239,10 +265,15 @@ class ClipAdapter(ModelAdapter):
     DEFAULT_ATTENTION_SCALE = "sliced"
     ARCHS = {
         # the paper's model: OpenAI CLIP ViT-L/14 at 336 (open_clip "ViT-L-14-336", QuickGELU as OpenAI's
-        # weights), momentum copy, queue 57,600
-        "clip_vit_l14_336": _cfg(768, 336, 14, 1024, 24, 64, 77, 49408, 768, 12, 12, queue_size=57600),
+        # weights), momentum copy, queue 57,600 (sdc17/UPop clip/model.py CLIP.__init__ `self.queue_size = 57600`)
+        # that holds the main model's features (forward: `self._dequeue_and_enqueue(image_features,
+        # text_features, idxs)`), momentum text tower through the main ln_final (encode_text_m: `self.ln_final(x)`)
+        "clip_vit_l14_336": _cfg(768, 336, 14, 1024, 24, 64, 77, 49408, 768, 12, 12, queue_size=57600,
+                                 queue_features="main", momentum_ln_final="main"),
         # micro: 32x32 images, 8x8 patches (16 tokens + cls), 3+3 blocks of width 64 (4 heads of 16),
-        # micro tokenizer (vocab 512, sequences up to 32), small queue: trains in under a minute on 1 core
+        # micro tokenizer (vocab 512, sequences up to 32), small queue: trains in under a minute on 1 core; the
+        # queue holds the momentum features and the momentum tower its own ln_final (BLIP's way, the defaults:
+        # the micro cells recorded before these options)
         "clip_micro": _cfg(64, 32, 8, 64, 3, 16, 32, 512, 64, 4, 3, queue_size=256),
     }
 

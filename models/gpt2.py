@@ -76,6 +76,10 @@ class Gpt2Adapter(hf.LanguageMasks, ModelAdapter):
             hf.tie_outputs(model, {"lm_head.weight": "transformer.wte.weight"})
         return model
 
+    def shard_units(self, model):
+        """sharding: fsdp: one unit per block (the tied embedding and LM head stay in the root unit)."""
+        return list(model.transformer.h)
+
     def structure(self, model, kinds=None) -> Structure:
         kinds = hf.check_kinds(self.family, kinds, self.UNIT_KINDS)
         params = dict(model.named_parameters())

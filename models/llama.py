@@ -73,6 +73,10 @@ class LlamaAdapter(hf.LanguageMasks, ModelAdapter):
             hf.tie_outputs(model, {"lm_head.weight": "model.embed_tokens.weight"})
         return model
 
+    def shard_units(self, model):
+        """sharding: fsdp: one unit per decoder layer (the embeddings, final norm and LM head stay in the root unit)."""
+        return list(model.model.layers)
+
     def structure(self, model, kinds=None) -> Structure:
         kinds = hf.check_kinds(self.family, kinds, self.UNIT_KINDS)
         params = dict(model.named_parameters())

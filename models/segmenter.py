@@ -263,6 +263,10 @@ class SegmenterAdapter(VitAdapter):
     def set_drop_path(self, model, rate):
         set_blocks_drop_path(model.encoder.blocks, rate)
 
+    def shard_units(self, model):
+        """sharding: fsdp: the encoder's timm Blocks and the mask transformer's blocks (the linear decoder has none)."""
+        return list(model.encoder.blocks) + list(getattr(model.decoder, "blocks", None) or [])
+
     def no_weight_decay_names(self, model):
         """The encoder's timm no-decay tensors (encoder.pos_embed, encoder.cls_token). The official Segmenter
         also exempts decoder.cls_emb; its paper recipe (SGD, weight decay 0) makes no difference."""

@@ -173,6 +173,10 @@ class VitAdapter(ModelAdapter):
         """Stochastic depth on both residual branches of every block, timm's per-block rule."""
         set_blocks_drop_path(model.blocks, rate)
 
+    def shard_units(self, model):
+        """sharding: fsdp: one unit per timm Block."""
+        return list(model.blocks)
+
     def fix_modules(self, model, structure, keep, options):
         for g in structure:
             if g.kind not in ("head_dim", "head"):

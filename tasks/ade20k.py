@@ -45,7 +45,7 @@ import os
 import random
 from pathlib import Path
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -60,6 +60,7 @@ from bench.registry import register_task
 from metrics.segmentation import IGNORE_INDEX, confusion_matrix, segmentation_metrics
 from tasks.common.files import load_image, scan_images
 from tasks.common.scenes import MICRO_CLASSES, MICRO_SCENE, render_micro_scene
+from tasks.common.batching import generator, micro_batches, seeded_batches
 from tasks.common.seg_inference import predict_probs
 from tasks.common.seg_transforms import batch_train_transform, normalize, train_transform
 from tasks.micro_data import generate_atomically, micro_folder
@@ -104,11 +105,18 @@ class ADE20KData(OptionsModel):
     eval_batch_size: PositiveInt | None = Field(None, description="sliding windows per forward (null: 128 micro, 8 paper)")
     window_size: PositiveInt | None = Field(None, description="sliding-window evaluation window (null: crop_size)")
     window_stride: PositiveInt | None = Field(None, description="its stride (null: window - 32 paper, 15/16 window micro)")
+    selection_window_stride: PositiveInt | None = Field(
+        None, description="the stride of the evaluation selection: paper runs after an epoch (single scale; "
+                          "evaluate_for_selection); the official retrain's is Segmenter's config window_stride 512 "
+                          "(rstrudel/segmenter segm/config.yml l. 114, read at sdc17/UPop compress_segmenter.py "
+                          "l. 129), the reported miou.py's 480 (null: window_stride)")
     train_images: PositiveInt = Field(256, description="micro: training images the generator writes")
     val_images: PositiveInt = Field(40, description="micro: validation images")
     height: PositiveInt = Field(64, description="micro: image height")
     width: PositiveInt = Field(96, description="micro: image width")
     seed: NonNegInt = Field(1234, description="micro: generator seed")
+
+    HASH_STABLE_KEYS: ClassVar[tuple] = ("selection_window_stride",)   # added after cells were recorded
 
 # ----------------------------------------------------------------------------------------------------
 # micro generator
@@ -209,15 +217,18 @@ def read_label(path: Path) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------
 
 class _TrainSet(torch.utils.data.Dataset):
-    def __init__(self, pairs, opts: dict, seed: int):
-        self.pairs, self.opts, self.seed = pairs, opts, seed
-        self.epoch = 0
+    """The training pairs indexed by (index, seed): each sample's transform draws from its own seed
+    (tasks.common.batching.seeded_batches)."""
+
+    def __init__(self, pairs, opts: dict):
+        self.pairs, self.opts = pairs, opts
 
     def __len__(self):
         return len(self.pairs)
 
-    def __getitem__(self, i):
-        rng = random.Random(hash((self.seed, self.epoch, i, torch.initial_seed())))
+    def __getitem__(self, item):
+        i, seed = item
+        rng = random.Random(seed)
         img_path, ann_path = self.pairs[i]
         return train_transform(read_image(img_path), read_label(ann_path), rng, **self.opts)
 
@@ -244,6 +255,7 @@ class ADE20KTask(TaskAdapter):
     """ADE20K semantic segmentation: mIoU single-/multi-scale and pixel accuracy (percent)."""
 
     name = "ade20k"
+    VERSION = 2   # 2: one generator per micro-batch (paper: per image) for its augmentation (tasks.common.batching)
     metrics = {"miou": True, "miou_ms": True, "pixel_acc": True}
     layout = LAYOUT
     Data = ADE20KData
@@ -356,39 +368,31 @@ class ADE20KTask(TaskAdapter):
         """Optimizer steps in one epoch of `train_batches(batch_size, ...)` (last partial batch dropped)."""
         return max(1, self.train_size // int(batch_size))
 
-    def train_batches(self, batch_size: int, seed: int, recipe=None):
+    def train_batches(self, batch_size: int, seed: int, recipe=None, shard=None):
         """Endless iterator of (images float (B, 3, crop, crop) normalised, labels long (B, crop, crop), 255 =
-        ignore) on the CPU; each epoch has `steps_per_epoch(batch_size)` batches."""
+        ignore) on the CPU: the micro-batches of `tasks.common.batching.micro_batches` (each epoch has
+        `steps_per_epoch(batch_size)` of them; with `shard`, only this rank's are loaded), each augmented from
+        its own seed (paper: one seed per image, whatever the loader's workers)."""
         self.prepare()
         if self.profile == "micro":
-            return self._micro_train_batches(int(batch_size), int(seed))
-        return self._paper_train_batches(int(batch_size), int(seed))
+            return self._micro_train_batches(int(batch_size), int(seed), shard)
+        return self._paper_train_batches(int(batch_size), int(seed), shard)
 
-    def _micro_train_batches(self, batch_size, seed):
+    def _micro_train_batches(self, batch_size, seed, shard=None):
         x, y = self._micro_split("training")
-        n = x.shape[0]
-        g = torch.Generator().manual_seed(seed)
-        bs = min(batch_size, n)
         ratio_range = tuple(self.opt("ratio_range"))
-        while True:
-            perm = torch.randperm(n, generator=g)
-            for i in range(0, n - bs + 1, bs):
-                idx = perm[i:i + bs]
-                yield batch_train_transform(x[idx], y[idx], g, scale=self.scale, crop=self.crop_size,
-                                            ratio_range=ratio_range, normalization=self.opt("normalization"))
+        for idx, bseed in micro_batches(x.shape[0], batch_size, seed, shard):
+            yield batch_train_transform(x[idx], y[idx], generator(bseed), scale=self.scale, crop=self.crop_size,
+                                        ratio_range=ratio_range, normalization=self.opt("normalization"))
 
-    def _paper_train_batches(self, batch_size, seed):
+    def _paper_train_batches(self, batch_size, seed, shard=None):
         from torch.utils.data import DataLoader
         opts = dict(scale=self.scale, crop=self.crop_size, ratio_range=tuple(self.opt("ratio_range")),
                     cat_max_ratio=self.opt("cat_max_ratio"), normalization=self.opt("normalization"))
-        ds = _TrainSet(self.pairs("training"), opts, seed)
-        workers = int(self.opt("workers"))
-        g = torch.Generator().manual_seed(seed)
-        loader = DataLoader(ds, batch_size=batch_size, shuffle=True, generator=g, drop_last=len(ds) >= batch_size,
-                            num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=False)
-        while True:
-            yield from loader
-            ds.epoch += 1
+        ds = _TrainSet(self.pairs("training"), opts)
+        loader = DataLoader(ds, batch_sampler=seeded_batches(len(ds), batch_size, seed, shard),
+                            num_workers=int(self.opt("workers")), pin_memory=torch.cuda.is_available())
+        yield from loader
 
     def loss(self, model: nn.Module, batch, device, recipe=None) -> torch.Tensor:
         """Pixel cross-entropy, ignore index 255 (Segmenter's criterion)."""
@@ -411,15 +415,16 @@ class ADE20KTask(TaskAdapter):
             workers = int(self.opt("workers"))
             yield from DataLoader(_EvalSet(self.pairs(split)), batch_size=None, shuffle=False, num_workers=workers)
 
-    def evaluate(self, model: nn.Module, split: str = "validation", device="cpu", multiscale: bool = True) -> dict:
+    def evaluate(self, model: nn.Module, split: str = "validation", device="cpu", multiscale: bool = True,
+                 stride: int | None = None) -> dict:
         """{"miou", "miou_ms", "pixel_acc" (percent), "per_class_iou", "per_class_iou_ms", "n"} on `split`.
         Single scale: ratio 1.0, sliding window; multi-scale: the `ms_ratios` with flip (skipped when
-        multiscale=False)."""
+        multiscale=False). `stride`: the sliding window's (None: the data block's window_stride)."""
         split = self._split(split)
         self.prepare()
         device = torch.device(device)
         n_cls = self.num_classes
-        window, stride = self.window
+        window, stride = self.window[0], stride or self.window[1]
         ms_ratios, ms_flip = tuple(self.opt("ms_ratios")), bool(self.opt("ms_flip"))
         bs = int(self.opt("eval_batch_size"))
         norm = self.opt("normalization")
@@ -453,6 +458,14 @@ class ADE20KTask(TaskAdapter):
             ms = segmentation_metrics(cm_ms)
             out.update(miou_ms=ms["miou"], pixel_acc_ms=ms["pixel_acc"], per_class_iou_ms=ms["per_class_iou"])
         return out
+
+    def evaluate_for_selection(self, model: nn.Module, split: str, device, metric: str) -> dict:
+        """selection: paper's evaluation after an epoch, as the official retrain's `evaluate(model, val_loader,
+        val_seg_gt, window_size, window_stride, amp_autocast)` (sdc17/UPop compress_segmenter.py l. 420 ff.;
+        segm/engine.py evaluate: single scale): the multi-scale pass only for a multi-scale metric (miou_ms), the
+        stride `selection_window_stride` (official: the config's 512; null: window_stride, as reported)."""
+        return self.evaluate(model, split, device, multiscale=metric.endswith("_ms"),
+                             stride=self.settings.selection_window_stride)
 
     # ---------------------------------------------------------------- measuring and caching
     def dummy_inputs(self, model_config: dict, batch_size: int, device) -> tuple:

@@ -27,6 +27,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from bench.api import TaskAdapter
 from bench.errors import BenchError
 from bench.measure import eval_mode
 from bench.options import PositiveInt
@@ -111,6 +112,9 @@ class CaptionTask(CocoRetrievalTask):
     name = "caption_coco"
     metrics = {"CIDEr": True, "Bleu_4": True, "METEOR": True, "ROUGE_L": True, "SPICE": True}
     Data = CaptionData
+    # no ITC distillation (the LM loss; compress_caption.py train() passes no alpha): no distill_alpha_warmup
+    RECIPE_KEYS = frozenset({"crop_scale", "randaugment"})
+    on_train_step = TaskAdapter.on_train_step
 
     @property
     def root(self) -> Path:
@@ -142,10 +146,10 @@ class CaptionTask(CocoRetrievalTask):
             refs.setdefault(a["image_id"], []).append(a["caption"])
         return refs
 
-    def train_batches(self, batch_size: int, seed: int, recipe=None):
+    def train_batches(self, batch_size: int, seed: int, recipe=None, shard=None):
         """(images, input_ids, attention_mask) of prompt + caption; the model masks the prompt's labels. Images:
         retrieval_coco's training transform (BLIP's crop + flip, the recipe's crop_scale / randaugment)."""
-        for x, _ids, _mask, _idx in super().train_batches(batch_size, seed, recipe=recipe):
+        for x, _ids, _mask, _idx in super().train_batches(batch_size, seed, recipe=recipe, shard=shard):
             yield x, _ids, _mask
 
     def prepare(self) -> None:

@@ -47,7 +47,7 @@ from bench.options import NonNegInt, OptionsModel, PositiveInt
 from bench.recipe import TASK_RECIPE_KEYS
 from bench.registry import register_task
 from tasks.augment import PrivateRNG, classification_loss, mixup_for
-from tasks.common.batching import batch_seed, generator, micro_batches
+from tasks.common.batching import batch_seed, generator, micro_batches, seeded_batches
 from tasks.common.files import load_image, scan_images
 from tasks.common.scenes import contrast_and_noise
 from tasks.micro_data import generate_atomically, micro_folder
@@ -608,9 +608,8 @@ class ImageNetTask(TaskAdapter):
         ds = self._image_folder("train", transform=self.train_transform(recipe))
         workers = self.settings.workers
         # the batch sampler hands every image its own seed: (index, seed) pairs of this rank's micro-batches
-        sampler = ([(int(j), batch_seed(bseed, pos)) for pos, j in enumerate(idx.tolist())]
-                   for idx, bseed in micro_batches(len(ds), batch_size, seed, shard))
-        loader = DataLoader(_SeededImages(ds), batch_sampler=sampler, num_workers=workers,
+        loader = DataLoader(_SeededImages(ds), batch_sampler=seeded_batches(len(ds), batch_size, seed, shard),
+                            num_workers=workers,
                             pin_memory=torch.cuda.is_available())
         mix = mixup_for(recipe, self.num_classes, min(batch_size, len(ds)))
         seeds = (bseed for _, bseed in micro_batches(len(ds), batch_size, seed, shard))   # the same stream's seeds

@@ -30,7 +30,9 @@ Images: resize to the model's size (bicubic) and normalise with the CLIP/BLIP me
 BLIP's RandomResizedCrop(0.5-1, bicubic) + flip (torchvision's crop, tasks.common.blip_augment); micro trains
 without augmentation (a flip would falsify "left of" captions; data.augment switches the crop + flip). Recipe
 keys: `crop_scale` (the crop's area range, default BLIP's min_scale 0.5) and `randaugment` (BLIP's
-RandomAugment(n, m) after the flip, any profile), BLIP's transform_train.
+RandomAugment(n, m) after the flip, any profile), BLIP's transform_train; `distill_alpha_warmup` (first_epoch:
+the ITC distillation alpha ramps from 0 over each phase's first epoch, as the official BLIP and CLIP retrieval
+train(); `on_train_step` sets it on the model before every optimizer step).
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ from bench.options import NonNegInt, OptionsModel, PositiveInt
 from bench.registry import register_task
 from metrics.retrieval import recall_at_k
 from tasks.common import files
+from tasks.common.batching import generator, micro_batches
 from tasks.common.blip_augment import TrainTransform
 from tasks.common.tokenizers import TextTokenizer
 from tasks.micro_data import MARKER, generate_atomically, micro_folder
@@ -271,6 +274,7 @@ class RetrievalData(OptionsModel):
 
 
 class RetrievalTask(TaskAdapter):
+    VERSION = 2   # 2: one generator per micro-batch for its augmentation (tasks.common.batching; micro unchanged)
     prefix = "coco_karpathy"
     folder = "coco"
     default_k = 256
@@ -278,7 +282,8 @@ class RetrievalTask(TaskAdapter):
                "img_r10": True, "r_mean": True}
     Data = RetrievalData
     MICRO_KEYS = ("n_train", "n_val", "n_test", "image_size", "seed")   # the micro generator's settings
-    RECIPE_KEYS = frozenset({"crop_scale", "randaugment"})   # BLIP's transform_train (tasks.common.blip_augment)
+    # BLIP's transform_train (tasks.common.blip_augment) and the ITC alpha ramp (on_train_step)
+    RECIPE_KEYS = frozenset({"crop_scale", "randaugment", "distill_alpha_warmup"})
 
     def __init__(self, settings, data_root, profile, cache_dir):
         super().__init__(settings, data_root, profile, cache_dir)
@@ -355,26 +360,40 @@ class RetrievalTask(TaskAdapter):
         self.prepare()
         return max(1, len(self._data.train_pairs) // int(batch_size))
 
-    def train_batches(self, batch_size: int, seed: int, recipe=None):
+    def train_batches(self, batch_size: int, seed: int, recipe=None, shard=None):
+        """(images, ids, mask, image ids) of `tasks.common.batching.micro_batches` (drop_last, as BLIP's
+        loader); with `shard`, only this rank's micro-batches are loaded and augmented."""
         self.prepare()
         pairs = self._data.train_pairs
-        bs = min(int(batch_size), len(pairs))
-        g = torch.Generator().manual_seed(int(seed))
         tok = self.tokenizer()
         augment = self.settings.augment if self.settings.augment is not None else self.profile == "paper"
         transform = TrainTransform.for_recipe(recipe, crop=augment, task=self.name)
-        while True:
-            perm = torch.randperm(len(pairs), generator=g).tolist()
-            for i in range(0, len(pairs) - bs + 1, bs):   # drop_last, as BLIP's loader
-                chunk = [pairs[j] for j in perm[i:i + bs]]
-                x = self._store.batch([c[0] for c in chunk])
-                x = transform(x, g)                      # crop + flip (augment), RandomAugment (randaugment)
-                enc = tok([c[1] for c in chunk], self.max_len)
-                yield normalise(x), enc["input_ids"], enc["attention_mask"], torch.tensor([c[2] for c in chunk])
+        for idx, bseed in micro_batches(len(pairs), batch_size, seed, shard):
+            chunk = [pairs[j] for j in idx.tolist()]
+            x = self._store.batch([c[0] for c in chunk])
+            x = transform(x, generator(bseed))       # crop + flip (augment), RandomAugment (randaugment)
+            enc = tok([c[1] for c in chunk], self.max_len)
+            yield normalise(x), enc["input_ids"], enc["attention_mask"], torch.tensor([c[2] for c in chunk])
 
     def loss(self, model: nn.Module, batch, device, recipe=None) -> torch.Tensor:
         x, ids, mask, idx = (t.to(device) for t in batch)
         return model.retrieval_loss(x, ids, mask, idx)
+
+    def on_train_step(self, model: nn.Module, step: int, steps_per_epoch: int, recipe=None) -> None:
+        """The ITC distillation alpha of this step (recipe `distill_alpha_warmup`). first_epoch: alpha x min(1,
+        step / steps_per_epoch), the official train() of BLIP and CLIP retrieval, search and retrain alike
+        (sdc17/UPop compress_retrieval.py l. 88-91, compress_retrieval_flickr.py l. 88-91, compress_retrieval_clip.py
+        l. 103-106: `if epoch>0: alpha = config['alpha'] else: alpha = config['alpha']*min(1,i/len(data_loader))`,
+        i the batch index of the epoch and len(data_loader) its batches, one optimizer step each); none: alpha."""
+        warmup = getattr(recipe, "distill_alpha_warmup", "none") if recipe is not None else "none"
+        scale = min(1.0, step / max(1, int(steps_per_epoch))) if warmup == "first_epoch" else 1.0
+        set_scale = getattr(model, "set_distill_alpha_scale", None)
+        if set_scale is None:
+            if warmup != "none":
+                raise BenchError(f"{self.name}: distill_alpha_warmup {warmup} needs a retrieval model with an ITC "
+                                 f"distillation alpha (set_distill_alpha_scale); {type(model).__name__} has none")
+            return
+        set_scale(scale)     # every step, so a phase without the ramp trains at the full alpha again
 
     # ----------------------------------------------------------------- evaluation
     @torch.no_grad()

@@ -44,6 +44,7 @@ from bench.errors import BenchError
 from bench.measure import eval_mode
 from bench.options import NonNegInt, OptionsModel, PositiveInt
 from bench.registry import register_task
+from tasks.common.batching import generator, micro_batches
 from tasks.common.blip_augment import TrainTransform
 from tasks.micro_data import MARKER, generate_atomically, micro_folder
 from tasks.retrieval import ImageStore, TextTokenizer, check_fields, coco_image_name, normalise, pre_question, read_json

@@ -52,7 +52,7 @@ def test_loader_reads_the_ade20k_layout(tmp_path):
     img, y = ade._EvalSet(pairs)[1]
     assert img.shape == (3, 20, 30) and img.dtype == torch.uint8 and y.shape == (20, 30)
     x, t = ade._TrainSet(task.pairs("training"), dict(scale=(64, 16), crop=16, ratio_range=(0.5, 2.0),
-                                                        cat_max_ratio=0.75, normalization="vit"), 0)[0]
+                                                        cat_max_ratio=0.75, normalization="vit"))[(0, 123)]
     assert x.shape == (3, 16, 16) and t.shape == (16, 16) and t.dtype == torch.long
     with pytest.raises(BenchError, match="splits 'validation'"):
         task.pairs("test")
@@ -230,3 +230,45 @@ def test_micro_task_evaluate_with_a_constant_model(tmp_path):
 def test_card_is_valid():
     from bench.cards import load_card, validate_card
     assert validate_card(load_card("upop_ade20k")) == []
+
+
+class _Ground(nn.Module):          # predicts class 1 everywhere
+    def forward(self, im):
+        out = torch.zeros(im.shape[0], 8, *im.shape[-2:])
+        out[:, 1] = 1.0
+        return out
+
+
+def test_selection_evaluates_single_scale_with_the_selection_stride(tmp_path, monkeypatch):
+    """selection: paper evaluates as the official retrain (compress_segmenter.py l. 420 ff., segm/engine.py
+    evaluate): single scale, stride selection_window_stride; the reported evaluation keeps window_stride."""
+    task = ADE20KTask({**SMALL, "selection_window_stride": 32}, None, "micro", tmp_path / "cache")
+    calls = []
+    real = ade.predict_probs
+    monkeypatch.setattr(ade, "predict_probs",
+                        lambda *a, **k: calls.append((k["stride"], k.get("ratios"))) or real(*a, **k))
+    res = task.evaluate_for_selection(_Ground(), "validation", "cpu", "miou")
+    assert calls == [(32, None)] * 3 and "miou_ms" not in res and res["n"] == 3
+    calls.clear()
+    res_ms = task.evaluate_for_selection(_Ground(), "validation", "cpu", "miou_ms")     # a multi-scale metric
+    assert [c[0] for c in calls] == [32] * 6 and sum(c[1] is not None for c in calls) == 3 and "miou_ms" in res_ms
+    calls.clear()
+    full = task.evaluate(_Ground(), "validation")
+    assert {c[0] for c in calls} == {60}                 # the reported one: window 64, stride 15/16 of it
+    assert full["miou"] == pytest.approx(res["miou"])
+    plain = ADE20KTask(SMALL, None, "micro", tmp_path / "cache")
+    calls.clear()
+    plain.evaluate_for_selection(_Ground(), "validation", "cpu", "miou")
+    assert calls == [(60, None)] * 3                       # unset: the evaluation's stride
+    assert "selection_window_stride" not in plain.settings.to_dict()     # at its default: the hash is unchanged
+
+
+def test_paper_profile_selects_as_the_official_retrain():
+    from bench.cards import load_card, parse_card
+    card = parse_card(load_card("upop_ade20k"))
+    paper, micro = card.profile("paper"), card.profile("micro")
+    assert (paper.finetune.selection, paper.finetune.selection_every) == ("paper", 2)
+    assert paper.data["selection_window_stride"] == 512 and paper.data["window_stride"] == 480
+    assert micro.finetune.selection_every == 1 and "selection_window_stride" not in micro.data
+    deviations = next(n for n in card.notes if n.startswith("Remaining deviations"))
+    assert "Selection cadence:" not in deviations and " (3) " not in deviations

@@ -67,13 +67,39 @@ def _nlvr2(tmp_path):
             TrainRecipe(epochs=1, lr=1e-3, batch_size=4, randaugment={"n": 2, "m": 5}))
 
 
+def _vqa(tmp_path):
+    from bench.registry import TASKS
+    task = TASKS.get("vqa")({}, None, "micro", tmp_path / "cache")
+    return task, TrainRecipe(epochs=1, lr=1e-3, batch_size=4, randaugment={"n": 2, "m": 5})
+
+
+def _retrieval(tmp_path):
+    from bench.registry import TASKS
+    task = TASKS.get("retrieval_coco")({"augment": True}, None, "micro", tmp_path / "cache")
+    return task, TrainRecipe(epochs=1, lr=1e-3, batch_size=4, randaugment={"n": 2, "m": 5})
+
+
+def _ade20k(tmp_path):
+    from bench.registry import TASKS
+    return TASKS.get("ade20k")({}, None, "micro", tmp_path / "cache"), None
+
+
+def _ade20k_paper(tmp_path):
+    from tasks.ade20k import ADE20KTask
+    from tests.test_ade20k import write_ade
+    write_ade(tmp_path)
+    return ADE20KTask({"workers": 0}, tmp_path, "paper", tmp_path / "cache"), None
+
+
 def _glue(tmp_path):
     from bench.registry import TASKS
     return TASKS.get("glue_sst2")({"train_size": 60, "dev_size": 20}, None, "micro", tmp_path / "cache"), None
 
 
-@pytest.mark.parametrize("make", [_imagenet_micro, _imagenet_paper, _cifar10, _nlvr2, _glue],
-                         ids=["imagenet-micro", "imagenet-paper", "cifar10", "nlvr2", "glue"])
+@pytest.mark.parametrize("make", [_imagenet_micro, _imagenet_paper, _cifar10, _nlvr2, _vqa, _retrieval,
+                                  _ade20k, _ade20k_paper, _glue],
+                         ids=["imagenet-micro", "imagenet-paper", "cifar10", "nlvr2", "vqa", "retrieval", "ade20k-micro",
+                              "ade20k-paper", "glue"])
 def test_each_rank_makes_exactly_its_micro_batches_of_the_one_process_stream(tmp_path, make):
     task, recipe = make(tmp_path)
     kw = {"recipe": recipe} if recipe is not None else {}

@@ -136,3 +136,52 @@ def test_compute_unknown_for_records_without_training_entry_zero_for_no_phase():
     assert training_compute([r])["train_epochs"] is None    # an old record: unknown, not 0
     r["training"] = {"dense": {"steps": 9, "epochs": 1}}
     assert training_compute([r])["train_epochs"] == 0.0     # no phase after the dense model: none trained
+
+
+# ---------------------------------------------------------------- selection_every (Segmenter's eval_freq)
+@pytest.mark.parametrize("epochs", [7, 8, 64])
+def test_selection_every_evaluates_as_segmenters_eval_freq(epochs):
+    """selection_every 2 = sdc17/UPop compress_segmenter.py l. 420 with its 0-based epochs: `epoch % eval_freq == 0
+    or epoch == num_epochs - 1` (eval_freq 2, segm/config.yml l. 108); the record counts epochs from 1."""
+    official = [e for e in range(epochs) if e % 2 == 0 or e == epochs - 1]
+    scores = [float(i) for i in range(len(official))]
+    scores[len(scores) // 2] = 1000.0                 # the best evaluated epoch, mid-run
+    model, task = nn.Linear(4, 1), ScriptedTask(scores)
+    cfg = _cfg(selection="paper", selection_every=2, epochs=epochs)
+    sel = EpochSelection.for_cell(cfg, task, model, "cpu")
+    train(model, task, device="cpu", seed=0, **cfg["finetune"], **sel.train_kwargs())
+    out = sel.finish()
+    assert [h["epoch"] for h in out["history"]] == [e + 1 for e in official]
+    assert len(task.calls) == len(official) == out["epochs_evaluated"]
+    assert out["best_epoch"] == official[len(scores) // 2] + 1 and out["every"] == 2
+    if epochs == 64:
+        assert len(official) == 33 and out["history"][-2]["epoch"] == 63 and out["history"][-1]["epoch"] == 64
+    chosen = task.calls[len(scores) // 2][1]
+    assert all(torch.equal(model.state_dict()[k], chosen[k]) for k in chosen)
+
+
+def test_selection_every_needs_paper_and_stays_out_of_the_hash():
+    with pytest.raises(BenchError, match="selection_every are for selection: paper"):
+        parse_block(TrainRecipe, {"epochs": 1, "lr": 1.0e-3, "batch_size": 8, "selection_every": 2}, "finetune")
+    assert "selection_every" not in _cfg(selection="paper")["finetune"]
+    out = EpochSelection(nn.Linear(4, 1), ScriptedTask([]), "cpu", "dev", "acc", True, 3).finish()
+    assert "every" not in out                          # the records of every-epoch selection are unchanged
+
+
+def test_selection_uses_the_tasks_selection_evaluation():
+    """TaskAdapter.evaluate_for_selection (default: evaluate) is what the selection reads, with its metric."""
+    class SelectingTask(ScriptedTask):
+        def evaluate(self, model, split, device):
+            raise AssertionError("the reported evaluation is not the selection's")
+
+        def evaluate_for_selection(self, model, split, device, metric):
+            self.calls.append((split, metric))
+            return {metric: self.scores[len(self.calls) - 1]}
+
+    model, task = nn.Linear(4, 1), SelectingTask([1.0, 3.0, 2.0, 0.0])
+    cfg = _cfg(selection="paper")
+    sel = EpochSelection.for_cell(cfg, task, model, "cpu")
+    train(model, task, device="cpu", seed=0, **cfg["finetune"], **sel.train_kwargs())
+    assert task.calls == [("dev", "dev_acc")] * 4 and sel.finish()["best_epoch"] == 2
+    from bench.api import TaskAdapter
+    assert TaskAdapter.evaluate_for_selection.__doc__ and TaskAdapter.on_train_step.__doc__

@@ -50,6 +50,14 @@ def micro_batches(n: int, batch_size: int, seed: int, shard=None) -> Iterator[tu
             k += 1
 
 
+def seeded_batches(n: int, batch_size: int, seed: int, shard=None) -> Iterator[list[tuple[int, int]]]:
+    """`micro_batches` as a DataLoader batch sampler: each micro-batch a list of (index, that sample's seed),
+    for a data set indexed by (index, seed) whose random transforms draw from the sample's seed, so the
+    images do not depend on which loader worker makes them, nor on how many there are."""
+    for idx, bseed in micro_batches(n, batch_size, seed, shard):
+        yield [(int(j), batch_seed(bseed, pos)) for pos, j in enumerate(idx.tolist())]
+
+
 def generator(seed: int) -> torch.Generator:
     """A CPU torch.Generator seeded with `seed` (a micro-batch's augmentation draws)."""
     return torch.Generator().manual_seed(int(seed))

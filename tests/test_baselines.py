@@ -156,7 +156,7 @@ def test_tiny_table_runs_the_floors_with_paper_selection_and_labels_the_rows(tmp
         assert sel["label"] == "(best-epoch on val)" and sel["epochs_evaluated"] == 2
         best = max(h["top1"] for h in sel["history"])
         assert sel["best_score"] == best and by[m]["metrics"]["top1"] == pytest.approx(best)
-    assert "selection" not in by["dense"]
+    assert by["dense"]["selection"] is None
     [lb] = sorted((tmp_path / "out").rglob("tiny_deit-micro-*.csv"))      # the leaderboard CSV of the run
     rows = [x for x in csv.DictReader(io.StringIO("\n".join(line for line in lb.read_text().splitlines()
                                                            if not line.startswith("#"))))]

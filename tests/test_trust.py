@@ -105,7 +105,7 @@ def test_code_version_is_in_the_hash_and_a_bump_makes_records_stale(card_env, mo
     _, out = card_env
     write_fake_run(out)
     old = cell("somp")
-    assert old["code_version"] == {"bench": "0.1.0", "training": 1, "measure": 1, "method": 1, "task": 1, "model": 1}
+    assert old["code_version"] == {"bench": "0.1.0", "training": 1, "measure": 1, "method": 1, "task": 2, "model": 1}
     assert reuse_record(out, old) is not None
     assert reuse_record(out, old, force=True) is None          # bench run --force
     monkeypatch.setattr(METHODS.get("somp"), "VERSION", 2)      # the method's author bumps it
@@ -350,7 +350,7 @@ def test_csv_keeps_per_seed_rows_and_adds_aggregates(card_env):
                                                                        ("seed", 1, 1)]
     assert somp[0]["metric_value"] == pytest.approx(45.5) and somp[0]["metric_std"] == pytest.approx(math.sqrt(0.5))
     assert [r["metric_value"] for r in somp[1:]] == [45.0, 46.0]
-    assert somp[0]["code_version"] == "bench=0.1.0;training=1;measure=1;method=1;task=1;model=1"
+    assert somp[0]["code_version"] == "bench=0.1.0;training=1;measure=1;method=1;task=2;model=1"
     one = report.leaderboard_rows(report_card(), [r for r in recs if r["seed"] == 0])
     assert {r["row_kind"] for r in one} == {"cell"}             # a one-seed cell: its row only, as before
 

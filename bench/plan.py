@@ -39,23 +39,26 @@ What is exact and what is estimated
   bound (embeddings, heads and norms are not pruned), the dense MACs an upper bound.
 - **GPU-hours** (estimate): `2 x MACs` FLOPs / (utilization x peak dense bf16 FLOP/s); defaults 40% of an
   A100's 312 TFLOPS. Evaluation, data loading and checkpointing are not counted. **Wall-clock** with --gpus N:
-  GPU-hours / min(N, batch) (perfect data-parallel scaling; a batch smaller than N leaves GPUs idle), cells one
-  after another.
+  GPU-hours / the ranks (the largest count up to N that divides the phase's batch; perfect data-parallel
+  scaling), cells one after another.
 - **Peak memory per GPU** (estimate): mixed precision with fp32 master weights: 16 bytes per trained param
   (fp32 weights 4 + fp32 grads 4 + AdamW exp_avg 4 + exp_avg_sq 4) + 2 bytes per param for the bf16 weight
   copies autocast keeps during the forward; a frozen param 4 + 2 bytes; a distillation teacher 4 bytes per
-  param (fp32, no grads); GOHSP's ADMM Z and U 8 bytes per prunable param. Activations per sample: the bytes of
+  param (fp32, no grads; none where the weights are frozen: VTrans's teacher is then the student without its
+  masks); GOHSP's ADMM Z and U 8 bytes per prunable param. Activations per sample: the bytes of
   every distinct module output of one forward on `meta` (forward hooks; floating tensors; numel x 2 bytes,
   bf16), which approximates what autograd keeps for the backward: DeiT-S gives 33 MiB per image, LLaMA-2-7B
   2,096 MiB per 512-token window, against 29-43 MiB and 2,176-3,454 MiB by Korthikanti et al.'s (2022)
   per-layer 34sh bytes (flash attention) to 34sh + 5as^2 bytes (attention scores kept). Usable memory = 90% of
   --gpu-memory (CUDA context, allocator fragmentation, kernel workspaces). Largest micro-batch =
   floor((usable - state) / activations per sample); when the state alone does not fit, FSDP full sharding
-  (state / N per GPU: the recipe key `sharding: fsdp`, bench.sharding) is tried (with a batch smaller than N, the
-  state is still sharded over all N GPUs while only `batch` of them compute), plus the model's whole fp32 copy
+  (state / N per GPU: the recipe key `sharding: fsdp`, bench.sharding) is tried, over the N = the largest GPU
+  count up to --gpus that divides the phase's batch (the training loop gives each rank batch / N samples per
+  step, so a batch-1 phase runs on one GPU and cannot be sharded), plus the model's whole fp32 copy
   (4 bytes per param) for phases whose per-step callback reads the model (UPop's search, SGMP's gradual run, a
-  finetune with selection paper); phases that cannot be sharded (VTrans's phase 1, its own loop with the
-  teacher; GOHSP's ADMM, whose penalty reads the weights) are not. Gradient accumulation = ceil(per-GPU share of
+  finetune with selection paper; VTrans's phase 1 shards its teacher with the student and reads neither whole);
+  phases that cannot be sharded (GOHSP's ADMM, whose penalty reads the weights; Faster-VTrans, which trains no
+  weight) are not. Gradient accumulation = ceil(per-GPU share of
   the batch / largest micro-batch).
 
 Published costs this plan is compared with (in the output's notes)
@@ -141,22 +144,26 @@ def fit_batch(state_bytes: float, act_bytes_per_sample: float, batch_size: int, 
     """Micro-batch and gradient accumulation for an effective batch on `gpus` GPUs.
     DDP (state replicated) if it fits, else FSDP full sharding (state / gpus, plus `whole_bytes` replicated: the
     model's whole copy a per-step callback reads), unless `no_sharding` says why the phase cannot be sharded,
-    else it does not fit."""
-    n_eff = max(1, min(int(gpus), int(batch_size)))
+    else it does not fit. The ranks are the largest number of GPUs up to `gpus` that divides the batch (the
+    training loop refuses a world size that does not: each rank takes batch / world samples per step), so a
+    batch-1 phase runs on one GPU, its state not shardable."""
+    n_eff = max(d for d in range(1, max(1, min(int(gpus), int(batch_size))) + 1) if int(batch_size) % d == 0)
     share = math.ceil(int(batch_size) / n_eff)
     mode, state = "ddp", float(state_bytes)
     max_micro = largest_micro_batch(state, act_bytes_per_sample, gpu_memory_gib)
-    if max_micro < 1 and gpus > 1 and not no_sharding:
-        mode, state = "fsdp", state_bytes / gpus + whole_bytes
+    if max_micro < 1 and n_eff > 1 and not no_sharding:
+        mode, state = "fsdp", state_bytes / n_eff + whole_bytes
         max_micro = largest_micro_batch(state, act_bytes_per_sample, gpu_memory_gib)
     if max_micro < 1:
-        return {"fits": False, "mode": mode, "no_sharding": no_sharding, "gpus": int(gpus), "state_bytes": state,
+        if no_sharding is None and n_eff < 2 <= gpus:
+            no_sharding = f"a batch of {batch_size} cannot be split over {gpus} ranks"
+        return {"fits": False, "mode": mode, "no_sharding": no_sharding, "gpus": n_eff, "state_bytes": state,
                 "act_bytes": act_bytes_per_sample,
                 "share": share, "max_micro": 0, "micro": None, "accum": None,
                 "peak_bytes": peak_memory_bytes(state, act_bytes_per_sample, 1), "gpus_used": n_eff}
     accum = math.ceil(share / max_micro)
     micro = math.ceil(share / accum)
-    return {"fits": True, "mode": mode, "gpus": int(gpus), "state_bytes": state, "act_bytes": act_bytes_per_sample, "share": share,
+    return {"fits": True, "mode": mode, "gpus": n_eff, "state_bytes": state, "act_bytes": act_bytes_per_sample, "share": share,
             "max_micro": max_micro, "micro": micro, "accum": accum, "gpus_used": n_eff,
             "peak_bytes": peak_memory_bytes(state, act_bytes_per_sample, micro)}
 
@@ -361,10 +368,12 @@ def _method_phases(cfg: dict) -> list:
     elif "epochs" in s and "batch_size" in s and m.endswith("vtrans"):
         o.update({k: v for k, v in s.items() if k in o and v is not None})   # profile overrides of options
         finetune = bool(o.get("weight_finetune", True))
+        frozen, teacher = not o.get("train_weights", True), o.get("distill", "logits+hidden") != "none"
         phases.append(("phase1", float(s["epochs"]), int(s["batch_size"]), "dense",
-                       {"subset": o.get("subset"), "frozen": not o.get("train_weights", True),
-                        "teacher": o.get("distill", "none") != "none",
-                        "no_sharding": "VTrans's own loop (methods/vtrans.py) with its teacher is not sharded"}))
+                       {"subset": o.get("subset"), "frozen": frozen, "teacher": teacher,
+                        # frozen weights: the teacher is the student without its masks (no copy), nothing to shard
+                        "teacher_copy": teacher and not frozen,
+                        **({"no_sharding": "Faster-VTrans trains no weight: nothing to shard"} if frozen else {})}))
     if cls.uses_finetune_budget and not cls.finetune and ft:   # SGMP: the gradual run is the finetune, dense-size
         phases.append(("gradual", float(ft["epochs"]), int(ft["batch_size"]), "dense", {"whole_copy": True}))
     elif finetune and ft:
@@ -402,7 +411,7 @@ def _phase_cost(name, epochs, batch, extras, costs, train_n, settings) -> dict:
         state = params * (FROZEN_STATE_BYTES + AUTOCAST_COPY_BYTES)
     else:
         state = params * (TRAINED_STATE_BYTES + AUTOCAST_COPY_BYTES)
-    if extras.get("teacher"):
+    if extras.get("teacher_copy"):
         state += params * FROZEN_STATE_BYTES
     if extras.get("admm"):
         state += costs.get("prunable_params", params) * ADMM_BYTES

@@ -66,9 +66,12 @@ def local_rows(full: torch.Tensor, world: int, rank: int) -> tuple[int, int]:
 
 
 class ShardedTwin:
-    """The fully-sharded twin of `model` for one training phase (see the module's docstring)."""
+    """The fully-sharded twin of `model` for one training phase (see the module's docstring). forward_only: a
+    frozen copy that only runs forwards (a distillation teacher, VTrans's phase 1): every parameter but the 0-dim
+    ones sharded, none takes gradients."""
 
-    def __init__(self, model: nn.Module, adapter, device, outside: list, phase: str = "train"):
+    def __init__(self, model: nn.Module, adapter, device, outside: list, phase: str = "train",
+                 forward_only: bool = False):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -94,13 +97,14 @@ class ShardedTwin:
         # outside the optimizer (masks) are shared with the caller
         memo = {}
         for p in model.parameters():
-            memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"),
+                                       requires_grad=p.requires_grad and not forward_only)
         for b in model.buffers():
             memo[id(b)] = torch.empty_like(b, device="meta")
         for t in outside:
             memo[id(t)] = t
         twin = copy.deepcopy(model, memo)
-        ignored = {p for p in twin.parameters() if p.ndim == 0 or not p.requires_grad}
+        ignored = {p for p in twin.parameters() if p.ndim == 0 or (not p.requires_grad and not forward_only)}
         mesh = init_device_mesh(torch.device(device).type, (self.world,))   # 1-D, over the default process group
         for n in sorted(unit_names, key=lambda s: s.count("."), reverse=True):   # inner units first
             fully_shard(twin.get_submodule(n), mesh=mesh, ignored_params=ignored)
@@ -144,9 +148,10 @@ class ShardedTwin:
                 mine.copy_(b)
 
     def twin_groups(self, groups: list) -> list:
-        """The optimizer's parameter groups with the caller's parameters replaced by the twin's."""
+        """The optimizer's parameter groups with the caller's parameters replaced by the twin's (tensors that are
+        not the model's, a method's extra parameters, stay as they are: replicated)."""
         of = {id(mine): p for _, mine, p in self.pairs}
-        return [{**g, "params": [of[id(q)] for q in g["params"]]} for g in groups]
+        return [{**g, "params": [of.get(id(q), q) for q in g["params"]]} for g in groups]   # extra tensors: as they are
 
     def caller_grads(self) -> list:
         """Names of the caller's parameters that got a gradient (something outside the twin used them)."""

@@ -91,7 +91,8 @@ AUTO_PROBE_DEVICES = ("cuda",)
 OPTIMIZER_STATE_SLOTS = 2    # per parameter: AdamW's two moments (SGD with momentum needs one): reserved in the probe
 
 
-def auto_micro_batch(model, task, recipe, device, per_rank: int, autocast, params, seed: int) -> tuple[int, dict]:
+def auto_micro_batch(model, task, recipe, device, per_rank: int, autocast, params, seed: int, batch_loss=None,
+                     data_options: dict | None = None, extra_grads: list = (), state_hooks=None) -> tuple[int, dict]:
     """micro_batch_size: auto. The largest divisor of the per-rank batch whose training forward + backward fits
     on the device, tried from the whole per-rank batch down through its divisors, one real training batch each
     (drawn from a stream of its own, seeded apart from the training's), with OPTIMIZER_STATE_SLOTS copies of the
@@ -99,25 +100,29 @@ def auto_micro_batch(model, task, recipe, device, per_rank: int, autocast, param
     memory error (the strings timm's batch-size retry treats so, bench.measure) moves to the next divisor.
     Afterwards the gradients are cleared and the model's buffers (BatchNorm statistics, BLIP's queues) and the
     RNG states are put back, so the training that follows is the one the chosen micro-batch given by hand
-    would run. Returns (micro_batch_size, {"probed", "tried": [{micro_batch_size, fits}]})."""
+    would run; so are the gradients of `extra_grads` (a method's own tensors) and, with `state_hooks`, the
+    caller's own state. `batch_loss(model, batch)` replaces the task's loss, `data_options` go to
+    train_batches, as in `train`. Returns (micro_batch_size, {"probed", "tried": [{micro_batch_size, fits}]})."""
     from bench.measure.speed import _is_oom
     dev = torch.device(device)
     if dev.type not in AUTO_PROBE_DEVICES:
         return per_rank, {"probed": False, "tried": [], "why": f"{dev.type}: the per-rank batch, no probe"}
     from bench.train_state import rng_state, set_rng_state
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    outside = [t for _, t in _tensors_outside(model, params)]   # a search's masks: their gradient is its state
+    outside = [t for _, t in _tensors_outside(model, params)] + list(extra_grads)   # their gradients are state
     outside_grads = [None if t.grad is None else t.grad.detach().clone() for t in outside]
     rng = rng_state()
+    caller = state_hooks[0]() if state_hooks is not None else None
     tried = []
     try:
         for m in sorted((d for d in range(1, per_rank + 1) if per_rank % d == 0), reverse=True):
             reserve = None
             try:
                 reserve = [torch.empty_like(p) for p in params for _ in range(OPTIMIZER_STATE_SLOTS)]
-                batch = next(iter(task.train_batches(m, seed + 7919, recipe=recipe)))
+                batch = next(iter(task.train_batches(m, seed + 7919, recipe=recipe, **(data_options or {}))))
                 with autocast():
-                    loss = task.loss(model, batch, device, recipe=recipe)
+                    loss = (batch_loss(model, batch) if batch_loss is not None
+                            else task.loss(model, batch, device, recipe=recipe))
                 loss.backward()
                 tried.append({"micro_batch_size": m, "fits": True})
                 return m, {"probed": True, "tried": tried}
@@ -141,6 +146,8 @@ def auto_micro_batch(model, task, recipe, device, per_rank: int, autocast, param
                 if n in buffers:
                     b.copy_(buffers[n])
         set_rng_state(rng)
+        if caller is not None:
+            state_hooks[1](caller)
 
 
 def check_recipe(recipe: TrainRecipe, task, adapter=None) -> None:
@@ -242,7 +249,10 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
           state_dir=None, state_every_steps: int | None = None, state_every_minutes: float | None = None,
           state_hooks: tuple[Callable[[], object], Callable[[object], None]] | None = None, quiet: bool = False,
           micro_batch: int | str | None = None,
-          sync_tensors: Callable[[], list] | None = None, sharding: str | None = None, **recipe_fields) -> dict:
+          sync_tensors: Callable[[], list] | None = None, sharding: str | None = None,
+          batch_loss: Callable[[torch.nn.Module, object], torch.Tensor] | None = None, extra_params: list | None = None,
+          clip_tensors: Callable[[], list] | None = None, after_step: Callable[[int, int], None] | None = None,
+          data_options: dict | None = None, **recipe_fields) -> dict:
     """Train `model` on `task` as `recipe` says (or the recipe made of the keyword `recipe_fields`: epochs,
     lr, batch_size, ... as in a card's finetune block; an unknown key is a BenchError). `adapter` (the model's
     ModelAdapter) declares the no-decay tensors and implements drop_path. `on_step(step, total)` runs after
@@ -279,6 +289,15 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
     when one is due and writes it, with every rank's RNG state; on resume every rank reads the file rank 0
     found. Progress and logs: rank 0 only.
 
+    A method with its own objective and state (VTrans's phase 1) plugs into the same loop, and so gets the
+    precision, accumulation, sharding, checkpoints and progress: `batch_loss(net, batch)` replaces
+    `task.loss` (net: the module the forward runs on, the sharded copy under fsdp); `data_options` go to the
+    task's train_batches (its `subset` to steps_per_epoch too); `extra_params` (tensors outside the model, e.g. a
+    learned layer map) are trained by the optimizer as one more group with the recipe's weight decay and kept
+    whole on every rank, their gradients averaged; `clip_tensors()` are clipped together with the optimizer's
+    parameters; `after_step(step, total)` runs after the optimizer step (and `on_step`) on every rank without
+    the model being gathered (a method's own optimizers step there).
+
     Returns {steps, epochs, final_loss (mean over the last epoch's steps), seconds, optimizer, lr_first,
     lr_last, precision, micro_batch_size, accumulation_steps, world_size, ...; resumed_from_step when resumed}."""
     from bench.progress import Progress
@@ -314,11 +333,16 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
                              f"size {world} x micro_batch_size {micro}: each of the {world} ranks takes batch_size / "
                              f"{world} samples per optimizer step in micro-batches of micro_batch_size; {fix}")
     accum = recipe.batch_size // (micro * world)
-    steps_per_epoch = task.steps_per_epoch(recipe.batch_size)
+    data_options = dict(data_options or {})
+    steps_per_epoch = task.steps_per_epoch(recipe.batch_size, **{k: v for k, v in data_options.items() if k == "subset"})
     total, _, _ = schedule_units(recipe, steps_per_epoch)
     groups = param_groups(model, recipe, adapter)
     stats_groups = {"decay": sum(len(g["params"]) for g in groups if g["weight_decay"]),
                     "no_decay": sum(len(g["params"]) for g in groups if not g["weight_decay"])}
+    extra_params = list(extra_params or [])
+    if extra_params:
+        groups.append({"params": extra_params, "names": [f"extra.{i}" for i in range(len(extra_params))],
+                       "weight_decay": recipe.weight_decay})
     for g in groups:
         del g["names"]
     opt = make_optimizer(groups, recipe)
@@ -350,7 +374,10 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
     net = twin.module if twin is not None else model   # the module the forward runs on
     probe = None
     if auto and total:   # the largest micro-batch that fits, the same on every rank; the accumulation follows
-        micro, probe = auto_micro_batch(net, task, recipe, device, micro, autocast, params, seed)
+        own = (list(sync_tensors()) if sync_tensors is not None else []) + \
+            (list(clip_tensors()) if clip_tensors is not None else [])
+        micro, probe = auto_micro_batch(net, task, recipe, device, micro, autocast, params, seed, batch_loss=batch_loss,
+                                        data_options=data_options, extra_grads=own, state_hooks=state_hooks)
         micro = -int(dist.all_reduce_max(torch.tensor([-micro])).item())
         accum = recipe.batch_size // (micro * world)
         if log is not None and probe["probed"]:
@@ -362,7 +389,7 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
             dist.broadcast_module(model)   # every rank starts from rank 0's weights
             synced = params + outside_tensors
         else:   # FSDP reduces the sharded gradients; the replicated 0-dim parameters and the masks are averaged here
-            synced = twin.replicated + outside_tensors
+            synced = twin.replicated + outside_tensors + extra_params
         if rank:   # each rank its own dropout / drop-path draws (the data order is the global one, sharded)
             torch.manual_seed(seed + 1000003 * rank)
     t0 = time.perf_counter()
@@ -374,7 +401,7 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
           if store is not None else None)
     progress = None
     try:
-        batches = dist.rank_batches(task, micro, seed, recipe=recipe) if total else iter(())
+        batches = dist.rank_batches(task, micro, seed, recipe=recipe, **data_options) if total else iter(())
         found = store.latest(fp) if store is not None and main else None
         if twin is not None and store is not None:   # rank 0 alone reads the file; the rest reaches the others
             head = dist.broadcast_object(None if found is None else (
@@ -430,7 +457,8 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
                 batch = next(batches)
                 drawn += 1
                 with autocast():
-                    loss = task.loss(net, batch, device, recipe=recipe)
+                    loss = (batch_loss(net, batch) if batch_loss is not None
+                            else task.loss(net, batch, device, recipe=recipe))
                 if accum > 1:
                     loss = loss / accum
                 if extra_loss is not None and i == accum - 1:
@@ -458,8 +486,9 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
             if recipe.clip_grad is not None:
                 if scaler is not None:
                     scaler.unscale_(opt)
-                norm = (twin.clip_grad_norm_(params, recipe.clip_grad) if twin is not None
-                        else torch.nn.utils.clip_grad_norm_(params, recipe.clip_grad))
+                clipped_set = params + (list(clip_tensors()) if clip_tensors is not None else [])
+                norm = (twin.clip_grad_norm_(clipped_set, recipe.clip_grad) if twin is not None
+                        else torch.nn.utils.clip_grad_norm_(clipped_set, recipe.clip_grad))
                 clipped += int(bool(norm > recipe.clip_grad))
             if scaler is not None:
                 scaler.step(opt)
@@ -472,6 +501,8 @@ def train(model, task, recipe: TrainRecipe | Mapping | None = None, *, device, s
                 on_step(step, total)
                 if twin is not None:
                     twin.push()
+            if after_step is not None:
+                after_step(step, total)
             losses.append(step_loss)
             lrs.append(cur)
             le = recipe.log_every

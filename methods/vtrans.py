@@ -63,13 +63,25 @@ Options (card `method_options.<name>`), each a guess of the spec made explicit:
   selection           none (the final masks) | val (TVA-Prune: every `select_every` steps with the expected
                       sparsity within [t-0.008, t+0.001], evaluate the hard-pruned model on the task's `val`
                       split and keep the best masks; needs a task with a held-out val split)
-  max_grad_norm       1.0 (the transformers Trainer default TVA-Prune keeps)
+  max_grad_norm       1.0 (the transformers Trainer default TVA-Prune keeps), over the VIB parameters, the
+                      multipliers and the trained weights and W together, as TVA-Prune's training/trainer_vib.py
+                      clips model.parameters(), which hold its z_mu, z_logD, lambda_1 and lambda_2
 Profile settings (card `profiles.<p>.<name>`): epochs (phase 1), batch_size, lr (weights), weight_decay,
 vib_lr (default 0.05, 0.1 for p > 0.5), reg_lr (0.1), lagrangian_warmup (fraction of phase-1 steps over
 which the target ramps up; default 0.1, 0.2 for p > 0.6, TVA-Prune's 0.1/0.2 epoch of its one epoch),
 log_every; and any option above, which then overrides the card's option for that profile only (the
 micro profile raises kl_factor so that the masks reach the pruning boundary within ~150 steps, where
 the paper-scale runs have thousands).
+Scale: phase 1 is one phase of the runner's training loop (bench.training.train through ctx.train, named after
+the method), so it has the card's precision (setting `precision`: auto = bf16 autocast on CUDA, fp32 on CPU),
+gradient accumulation (`--micro-batch N|auto`: the masks are sampled per micro-batch, the KL and the Lagrangian
+added once per step), data parallelism under torchrun (the gradients of the VIB parameters, the multipliers, W
+and the weights averaged over the ranks; each rank draws its own mask noise and dropout, as it holds its own
+samples; the runner checks the keep-masks identical on every rank), `--sharding fsdp` (the student trains
+sharded, and the teacher, a frozen fp32 copy of the dense model, is sharded too: forwards only), resumable
+checkpoints (the VIB masks, both optimizers, the multipliers, W, the history and the selection saved with the
+weights) and the progress line. With frozen weights (faster_vtrans) the teacher is the student itself without
+its masks: the same outputs as a frozen copy, without a second model in memory (and nothing to shard).
 Deviations: phase 2 is the runner's finetune (task loss, masks folded) where the reviews describe
 fine-tuning of the weights AND masks with distillation; GLUE/GPT-2 hyper-parameters are NOT FOUND.
 """
@@ -77,7 +89,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +97,7 @@ from pydantic import Field, create_model
 from torch import nn
 
 from bench.api import Method, PruneResult, TaskAdapter
-from bench.errors import BenchError, CellFailure
+from bench.errors import BenchError
 from bench.options import Fraction, NonNegFloat, NonNegInt, OptionsModel, PositiveFloat, PositiveInt
 from bench.registry import register_method
 from methods import _allocate as allocate
@@ -157,6 +169,12 @@ class _Phase1Settings(OptionsModel):
     lagrangian_warmup: Fraction | None = Field(
         None, description="fraction of phase 1 over which the target ramps up from 0 (null: 0.1, 0.2 for p > 0.6)")
     log_every: NonNegInt = Field(0, description="print the phase-1 loss every N steps (0: quiet)")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="phase 1's precision, as the recipe key (auto: bf16 autocast on CUDA, fp32 on CPU); fp16 "
+                            "is refused: its GradScaler would leave the VIB masks' gradients scaled")
+
+    # added after VTrans cells were recorded: at its default it stays out of the cell's hash (OptionsModel.to_dict)
+    HASH_STABLE_KEYS: ClassVar[tuple] = ("precision",)
 
 
 def _settings_with_overrides(options: type) -> type:
@@ -454,7 +472,14 @@ class VTrans(Method):
 
     # -------------------------------------------------------------------------------------------
     def _phase1(self, ctx, st, vib, o, s, sparsity_fn, p):
-        """Mask (and weight) training under KL + Lagrangian + distillation. Returns a summary."""
+        """Mask (and weight) training under KL + Lagrangian + distillation, as one training phase of the runner's
+        loop (`ctx.train`, bench.training.train), which gives it the precision, gradient accumulation, data
+        parallelism and fsdp sharding, resumable checkpoints and the progress line of every other phase. This
+        method supplies the per-micro-batch objective (`batch_loss`: sampled masks, distillation, task loss),
+        the once-per-step KL + Lagrangian (`extra_loss`), its layer map W (`extra_params`, trained by the loop's
+        AdamW with the weights), and steps its own optimizers for the VIB masks and the multipliers after each
+        step (`after_step`); their state, W, the selection and the history are checkpointed with the phase
+        (`state_hooks`). Returns a summary."""
         model, task, device, adapter = ctx.model, ctx.task, ctx.device, ctx.adapter
         for hook in ("forward", "loss_from_output", "token_shape"):
             if getattr(type(task), hook) is getattr(TaskAdapter, hook):
@@ -463,17 +488,22 @@ class VTrans(Method):
         distill = o.distill
         if distill not in ("logits+hidden", "logits", "hidden", "none"):
             raise BenchError(f"vtrans distill must be logits+hidden, logits, hidden or none, got {distill!r}")
+        sel = o.selection
+        if sel not in ("none", "val"):
+            raise BenchError(f"vtrans selection must be 'none' or 'val', got {sel!r}")
         use_logits, use_hidden = "logits" in distill, "hidden" in distill
-        teacher = None
-        if distill != "none":
-            teacher = copy.deepcopy(model).to(device).eval()
-            for prm in teacher.parameters():
-                prm.requires_grad_(False)
         train_weights = bool(o.train_weights)
         model.to(device).train()
         for prm in model.parameters():
             prm.requires_grad_(train_weights)
-        width = None
+        # the teacher: the dense model. With frozen weights it is the student itself without its masks (no copy);
+        # otherwise a frozen copy, taken now (before a resume loads trained weights), kept on the CPU until the
+        # first forward puts it on the device whole, or sharded like the student under fsdp
+        teacher = {"net": None, "copy": None}
+        if distill != "none" and train_weights:
+            teacher["copy"] = copy.deepcopy(model).cpu().eval()
+            for prm in teacher["copy"].parameters():
+                prm.requires_grad_(False)
         transform = nn.Identity()
         if use_hidden:
             width = adapter.geometry(model).width
@@ -484,8 +514,9 @@ class VTrans(Method):
                     transform.bias.zero_()
         subset = o.subset
         bs = int(s.batch_size)
-        spe = task.steps_per_epoch(bs, subset=subset)
-        total = max(1, int(round(float(s.epochs) * spe)))
+        data_options = {"subset": subset, "subset_seed": int(o.subset_seed)} if subset is not None else {}
+        spe = task.steps_per_epoch(bs, subset=subset) if subset is not None else task.steps_per_epoch(bs)
+        total = max(1, int(round(float(s.epochs) * spe))) if float(s.epochs) > 0 else 0
         warm_frac = float(s.lagrangian_warmup if s.lagrangian_warmup is not None else (0.2 if p > 0.6 else 0.1))
         warmup = max(1, int(round(warm_frac * total)))
         vib_lr = float(s.vib_lr if s.vib_lr is not None else (0.1 if p > 0.5 else 0.05))
@@ -493,9 +524,6 @@ class VTrans(Method):
         lam = nn.Parameter(torch.zeros(2, device=device))
         opt_vib = torch.optim.AdamW(list(vib.parameters()), lr=vib_lr, weight_decay=0.0)
         opt_lam = torch.optim.AdamW([lam], lr=reg_lr, weight_decay=0.0, maximize=True)
-        w_params = ([q for q in model.parameters()] if train_weights else []) + list(transform.parameters())
-        opt_w = torch.optim.AdamW(w_params, lr=float(s.lr), weight_decay=float(s.weight_decay)) \
-            if w_params else None
         kl_mult = dict(KL_MULT, **o.kl_mult)
         n_layers = len({g.layer for g in st if g.layer is not None})
         mult = {}
@@ -503,78 +531,134 @@ class VTrans(Method):
             m = kl_mult.get(g.kind, 1.0)
             m = float(o.emb_mult) + 2 * n_layers if m == "tva" else float(m)
             mult[g.name] = m / (g.size if o.kl_normalise else 1)
-        from bench import distributed as dist   # data parallel: each rank its share of every batch (no-op alone)
-        bs_rank = dist.per_rank_batch(bs, f"{self.name} batch_size")
-        batches = (dist.rank_batches(task, bs_rank, ctx.seed, subset=subset, subset_seed=int(o.subset_seed))
-                   if subset is not None else dist.rank_batches(task, bs_rank, ctx.seed))
+        from bench import distributed as dist
         log_every = int(s.log_every)
-        hist, best = [], None
-        sel = o.selection
-        if sel not in ("none", "val"):
-            raise BenchError(f"vtrans selection must be 'none' or 'val', got {sel!r}")
-        t0 = time.perf_counter()
-        es = torch.tensor(0.0)
-        for step in range(total):
-            frac_lr = 1 - step / total                          # linear decay, no warm-up
-            for opt_, base in ((opt_vib, vib_lr), (opt_w, float(s.lr))):
-                if opt_ is not None:
-                    for gr in opt_.param_groups:
-                        gr["lr"] = base * frac_lr
-            batch = next(batches)
+        # what the loop's callbacks share; all of it is saved with the phase's checkpoints
+        cur = {"step": 0, "es": 0.0, "target": 0.0, "parts": []}
+        hist, best = [], {"at": None}
+
+        def teacher_output(net, batch):
+            if not train_weights:   # frozen weights: the dense model is the student without masks
+                adapter.clear_unit_masks(net)
+                net.eval()
+                with torch.no_grad():
+                    out = task.forward(net, batch, device, output_hidden_states=use_hidden)
+                net.train()
+                return out
+            if teacher["net"] is None:
+                if net is model:   # not sharded: the whole copy on the device
+                    teacher["net"] = teacher["copy"].to(device)
+                else:              # fsdp: the student trains a sharded twin; the teacher is sharded too
+                    if sel == "val":
+                        raise BenchError(f"{self.name}: selection val with sharding fsdp would evaluate the model "
+                                         f"while its weights train sharded elsewhere; set selection: none or run "
+                                         f"phase 1 without --sharding fsdp")
+                    from bench.sharding import ShardedTwin
+                    teacher["twin"] = ShardedTwin(teacher["copy"], adapter, device, [], phase=f"{self.name} teacher",
+                                                  forward_only=True)
+                    teacher["net"] = teacher["twin"].module.eval()
+                teacher["copy"] = None
+            with torch.no_grad():
+                return task.forward(teacher["net"], batch, device, output_hidden_states=use_hidden)
+
+        def batch_loss(net, batch):
+            """One micro-batch: masks sampled (per token or per step), distillation + task loss."""
             lead = tuple(task.token_shape(batch)) if o.noise == "per_token" else ()
             z = {g.name: vib.sample(g.name, lead) for g in st}
-            adapter.set_unit_masks(model, st, z)
-            out = task.forward(model, batch, device, output_hidden_states=use_hidden) if teacher is not None \
-                else task.forward(model, batch, device)
+            t_out = teacher_output(net, batch) if distill != "none" else None
+            adapter.set_unit_masks(net, st, z)
+            out = task.forward(net, batch, device, output_hidden_states=use_hidden) if t_out is not None \
+                else task.forward(net, batch, device)
             loss = out.logits.new_zeros(())
             parts = {}
-            if teacher is not None:
-                with torch.no_grad():
-                    t_out = task.forward(teacher, batch, device, output_hidden_states=use_hidden)
+            if t_out is not None:
                 d, parts = distill_loss(out, t_out, transform, float(o.alpha_ce), float(o.alpha_layer),
                                         float(o.temperature), use_logits, use_hidden)
                 loss = loss + d
-            if teacher is None or float(o.task_loss_weight):
+            if t_out is None or float(o.task_loss_weight):
                 tl = task.loss_from_output(out, batch, device)
-                loss = loss + (float(o.task_loss_weight) if teacher is not None else 1.0) * tl
+                loss = loss + (float(o.task_loss_weight) if t_out is not None else 1.0) * tl
                 parts["task"] = float(tl.detach())
+            cur["parts"].append(parts)
+            return loss
+
+        def kl_and_lagrangian():
+            """Once per optimizer step: the KL of every structure and the Lagrangian on the expected sparsity."""
             kl = sum(mult[g.name] * vib_kl(vib.m(g.name), vib.lv(g.name)) for g in st) * float(o.kl_factor)
             probs = {g.name: soft_keep(vib.m(g.name), vib.lv(g.name), float(o.sharpness)) for g in st}
             es = sparsity_fn(fractions(probs, st))
-            target = p * min(1.0, step / warmup)
-            lag = lam[0] * (es - target) + lam[1] * (es - target) ** 2
-            loss = loss + kl + lag
-            if not dist.all_finite(loss):   # on every rank: all stop together
-                raise CellFailure(f"{self.name}: non-finite loss at phase-1 step {step}/{total}")
-            for opt_ in (opt_vib, opt_lam, opt_w):
-                if opt_ is not None:
-                    opt_.zero_grad(set_to_none=True)
-            loss.backward()
-            # the VIB masks, the multipliers and the weights: the same step on every rank (no-op alone)
-            dist.average_grads(list(vib.parameters()) + [lam] + w_params)
-            if o.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(list(vib.parameters()) + w_params, float(o.max_grad_norm))
-            for opt_ in (opt_vib, opt_w, opt_lam):
-                if opt_ is not None:
-                    opt_.step()
-            if log_every and (step + 1) % log_every == 0:
-                ctx.log(f"{self.name} step {step + 1}/{total} loss {float(loss):.4f} E[sparsity] {float(es.detach()):.4f} "
-                        f"target {target:.4f} lambda {lam.detach().cpu().tolist()}")
+            target = p * min(1.0, cur["step"] / warmup)
+            cur["es"], cur["target"] = float(es.detach()), target
+            return kl + lam[0] * (es - target) + lam[1] * (es - target) ** 2
+
+        def after_step(step, total):
+            """The VIB masks (linear lr decay, no warm-up) and the multipliers (gradient ascent) step."""
+            for gr in opt_vib.param_groups:
+                gr["lr"] = vib_lr * (1 - step / total)
+            opt_vib.step()
+            opt_lam.step()
+            opt_vib.zero_grad(set_to_none=True)
+            opt_lam.zero_grad(set_to_none=True)
+            es, target = cur["es"], cur["target"]
+            parts = {k: sum(d[k] for d in cur["parts"]) / len(cur["parts"]) for k in (cur["parts"] or [{}])[0]}
+            cur["parts"] = []
+            cur["step"] = step + 1
+            if log_every and (step + 1) % log_every == 0 and dist.is_main():
+                ctx.log(f"{self.name} step {step + 1}/{total} E[sparsity] {es:.4f} target {target:.4f} "
+                        f"lambda {lam.detach().cpu().tolist()}")
             if (step + 1) % max(1, total // 20) == 0 or step == total - 1:
-                hist.append({"step": step + 1, "expected_sparsity": round(float(es.detach()), 5), "target": round(target, 5),
-                             "lambda": [round(v, 5) for v in lam.detach().cpu().tolist()], **{k: round(v, 5) for k, v in parts.items()}})
+                hist.append({"step": step + 1, "expected_sparsity": round(es, 5), "target": round(target, 5),
+                             "lambda": [round(v, 5) for v in lam.detach().cpu().tolist()],
+                             **{k: round(v, 5) for k, v in parts.items()}})
             if sel == "val" and step >= warmup and (step + 1) % int(o.select_every) == 0 \
-                    and target - 0.008 <= float(es.detach()) <= target + (0.006 if target > 0.7 else 0.001):
+                    and target - 0.008 <= es <= target + (0.006 if target > 0.7 else 0.001):
                 score = self._validate(ctx, st, vib, o)
-                if best is None or score > best[0]:
-                    best = (score, step + 1, {k: v.detach().clone() for k, v in vib.state_dict().items()})
-        adapter.clear_unit_masks(model)
-        if best is not None:
-            vib.load_state_dict(best[2])
+                if best["at"] is None or score > best["at"][0]:
+                    best["at"] = (score, step + 1, {k: v.detach().clone() for k, v in vib.state_dict().items()})
+
+        def get_state():
+            return copy.deepcopy({"vib": vib.state_dict(), "lam": lam.detach(), "opt_vib": opt_vib.state_dict(),
+                                  "opt_lam": opt_lam.state_dict(), "transform": transform.state_dict(),
+                                  "cur": cur, "hist": hist, "best": best["at"]})
+
+        def set_state(state):
+            state = copy.deepcopy(state)
+            vib.load_state_dict(state["vib"])
+            with torch.no_grad():
+                lam.copy_(state["lam"])
+            opt_vib.load_state_dict(state["opt_vib"])
+            opt_lam.load_state_dict(state["opt_lam"])
+            transform.load_state_dict(state["transform"])
+            cur.update(state["cur"])
+            hist[:] = state["hist"]
+            best["at"] = state["best"]
+
+        t0 = time.perf_counter()
+        try:
+            stats = ctx.train(model, epochs=float(s.epochs), batch_size=bs, lr=float(s.lr),
+                              weight_decay=float(s.weight_decay), weight_decay_groups="all",
+                              schedule="poly", poly_power=1.0, min_lr=0.0, warmup_epochs=0,  # linear decay to 0
+                              clip_grad=float(o.max_grad_norm) or None, precision=s.precision,
+                              batch_loss=batch_loss, extra_loss=kl_and_lagrangian,
+                              extra_params=list(transform.parameters()),
+                              clip_tensors=lambda: list(vib.parameters()) + [lam],
+                              sync_tensors=lambda: list(vib.parameters()) + [lam],
+                              after_step=after_step, state_hooks=(get_state, set_state), data_options=data_options,
+                              # frozen weights: nothing to shard (and no sharded copy of the whole model)
+                              **({"sharding": "none"} if not train_weights else {}))
+        finally:
+            teacher.clear()
+            adapter.clear_unit_masks(model)
+        if best["at"] is not None:
+            vib.load_state_dict(best["at"][2])
         model.eval()
         return {"steps": total, "steps_per_epoch": spe, "subset": subset, "warmup_steps": warmup, "vib_lr": vib_lr,
-                "reg_lr": reg_lr, "train_weights": train_weights, "distill": distill, "seconds": round(time.perf_counter() - t0, 3),
-                "final_expected_sparsity": round(float(es.detach()), 6), "selected_step": best[1] if best else None,
+                "reg_lr": reg_lr, "train_weights": train_weights, "distill": distill,
+                "seconds": round(time.perf_counter() - t0, 3), "final_expected_sparsity": round(cur["es"], 6),
+                "selected_step": best["at"][1] if best["at"] else None, "precision": stats["precision"],
+                "micro_batch_size": stats["micro_batch_size"], "accumulation_steps": stats["accumulation_steps"],
+                "world_size": stats["world_size"], "sharding": stats["sharding"],
+                **({"resumed_from_step": stats["resumed_from_step"]} if "resumed_from_step" in stats else {}),
                 "history": hist}
 
     def _validate(self, ctx, st, vib, o) -> float:

@@ -66,7 +66,9 @@ def _lang_ctx(method, p, options=None, settings=None):
     return CellContext(model=model, adapter=adapter, structure=adapter.structure(model), task=task,
                        ratio=RatioSpec("x", p), options=parse_block(M.Options, options, f"method_options.{method}"),
                        settings={"finetune": None, "method": parse_block(M.Settings, s, method)},
-                       device=torch.device("cpu"), seed=0, train=None, log=lambda m: None)
+                       device=torch.device("cpu"), seed=0,
+                       train=functools.partial(train, task=task, device="cpu", seed=0, adapter=adapter),
+                       log=lambda m: None)
 
 
 # case id -> (method, context factory)

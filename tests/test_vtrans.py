@@ -1,5 +1,6 @@
 """VTrans: the VIB keep rule and KL term on known values, the generic size model against the framework's
 exact count, the exact-budget selection, and the Lagrangian reaching the target on a short micro run."""
+import functools
 import math
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from bench.api import CellContext, RatioSpec
 from bench.options import parse_block
 from bench.registry import METHODS, TASKS
 from bench.structure import extract, kept_param_count
+from bench.training import train
 from methods.vtrans import (SizeModel, VIBMasks, exact_selection, fractions, keep_rule, log_alpha, soft_keep,
                             vib_kl)
 from tests.conftest import build, random_keep
@@ -86,7 +88,9 @@ def _ctx(method, p, options=None, settings=None, train_size=320, raw=False):
         o, s = parse_block(M.Options, o, f"method_options.{method}"), parse_block(M.Settings, s, method)
     ctx = CellContext(model=model, adapter=adapter, structure=adapter.structure(model), task=task,
                       ratio=RatioSpec("x", p), options=o, settings={"finetune": None, "method": s},
-                      device=torch.device("cpu"), seed=0, train=None, log=lambda m: None)
+                      device=torch.device("cpu"), seed=0,
+                       train=functools.partial(train, task=task, device="cpu", seed=0, adapter=adapter),
+                       log=lambda m: None)
     return ctx, METHODS.get(method)()
 
 

@@ -1,6 +1,6 @@
 """Live progress of one training phase (dense, a method's search, finetune): step/total, loss, lr, samples/s, ETA.
 
-- stderr is a terminal: one tqdm line per phase, redrawn in place (left on screen when the phase ends);
+- stderr is a terminal (of a known size): one tqdm line per phase, redrawn in place (left on screen when the phase ends);
 - otherwise (CI, Slurm logs, `bench run -s` piped to a file): a plain line every ~10% of the phase or every
   30 s, whichever comes first, and one at the end, through the run's log function (stderr without one);
 - quiet: nothing.
@@ -23,11 +23,17 @@ def _hms(seconds: float) -> str:
     return str(dt.timedelta(seconds=int(round(max(0.0, seconds)))))
 
 
-def _columns(stream) -> int:
+def _terminal_size(stream) -> tuple[int, int]:
+    """(columns, rows) of the terminal behind `stream`; (0, 0) when it reports none."""
     try:
-        return os.get_terminal_size(stream.fileno()).columns
+        size = os.get_terminal_size(stream.fileno())
+        return size.columns, size.lines
     except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-        return 0
+        return 0, 0
+
+
+def _columns(stream) -> int:
+    return _terminal_size(stream)[0]
 
 
 class Progress:
@@ -46,7 +52,9 @@ class Progress:
         self.stream = stream if stream is not None else sys.stderr
         if mode is None:
             isatty = getattr(self.stream, "isatty", None)
-            mode = "tty" if isatty is not None and isatty() else "plain"
+            # a terminal that reports no size (a pseudo-terminal nobody sized, e.g. `script` without a
+            # terminal around it) would hide tqdm's bar: plain lines there
+            mode = "tty" if isatty is not None and isatty() and min(_terminal_size(self.stream)) > 0 else "plain"
         self.mode = None if quiet or total <= start else mode
         self.t0 = self.t_last = time.perf_counter()
         self.every = max(1, int(round(total * self.PLAIN_FRACTION)))

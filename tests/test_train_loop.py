@@ -362,6 +362,20 @@ def test_progress_live_line_on_a_terminal():
     assert lines == ["step 30/60 loss 1.2345 lr 4.10e-04"]
 
 
+def test_a_terminal_without_a_size_gets_plain_lines():
+    """tqdm draws nothing on a pseudo-terminal of 0 rows (`script` run without a terminal): plain lines there."""
+    class SizelessTerminal(io.StringIO):
+        def isatty(self):
+            return True
+    lines = []
+    p = Progress("finetune", 10, 32, log=lines.append, stream=SizelessTerminal())
+    assert p.mode == "plain"
+    for k in range(1, 11):
+        p.update(k, 1.0, 1e-3)
+    p.close()
+    assert len(lines) == 10 and lines[-1].startswith("finetune: step 10/10 (100%)")
+
+
 def test_train_progress_through_log_and_quiet():
     lines = []
     train(net(), SeqTask(n=80), R(epochs=5, log_every=25), device="cpu", seed=0, log=lines.append, phase="dense")

@@ -398,6 +398,9 @@ def distill_loss(s_out, t_out, transform, alpha_ce, alpha_layer, T, use_logits=T
 class VTrans(Method):
     name = "vtrans"
     impl = "reimpl"
+    # 2: phase 1 in the shared training loop (its data order from the cell's data seed, as every phase; the
+    # multipliers inside the gradient clipping, as TVA-Prune): records of version 1 are not reused
+    VERSION = 2
     finetune = True
     description = "VIB masks on hidden width, heads, FFN neurons and sublayers, Lagrangian budget, distillation"
     Options = VTransOptions

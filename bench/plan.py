@@ -157,13 +157,13 @@ def fit_batch(state_bytes: float, act_bytes_per_sample: float, batch_size: int, 
     if max_micro < 1:
         if no_sharding is None and n_eff < 2 <= gpus:
             no_sharding = f"a batch of {batch_size} cannot be split over {gpus} ranks"
-        return {"fits": False, "mode": mode, "no_sharding": no_sharding, "gpus": n_eff, "state_bytes": state,
+        return {"fits": False, "mode": mode, "no_sharding": no_sharding, "state_bytes": state,
                 "act_bytes": act_bytes_per_sample,
                 "share": share, "max_micro": 0, "micro": None, "accum": None,
                 "peak_bytes": peak_memory_bytes(state, act_bytes_per_sample, 1), "gpus_used": n_eff}
     accum = math.ceil(share / max_micro)
     micro = math.ceil(share / accum)
-    return {"fits": True, "mode": mode, "gpus": n_eff, "state_bytes": state, "act_bytes": act_bytes_per_sample, "share": share,
+    return {"fits": True, "mode": mode, "state_bytes": state, "act_bytes": act_bytes_per_sample, "share": share,
             "max_micro": max_micro, "micro": micro, "accum": accum, "gpus_used": n_eff,
             "peak_bytes": peak_memory_bytes(state, act_bytes_per_sample, micro)}
 
@@ -595,7 +595,7 @@ def _mem_cols(p: dict | None) -> tuple:
     m = p["memory"]
     if not m["fits"]:
         return f"{_gib(m['peak_bytes'])} (micro 1)", "0", "does not fit"
-    mode = "" if m["mode"] == "ddp" else f" {m['mode']} over {m['gpus']}"
+    mode = "" if m["mode"] == "ddp" else f" {m['mode']} over {m['gpus_used']}"
     return (f"{_gib(m['peak_bytes'])}", f"{m['max_micro']:,}" if m["max_micro"] < 1 << 29 else "any",
             f"{m['micro']}x{m['accum']}x{m['gpus_used']}{mode}")
 

@@ -519,7 +519,11 @@ class VTrans(Method):
         bs = int(s.batch_size)
         data_options = {"subset": subset, "subset_seed": int(o.subset_seed)} if subset is not None else {}
         spe = task.steps_per_epoch(bs, subset=subset) if subset is not None else task.steps_per_epoch(bs)
-        total = max(1, int(round(float(s.epochs) * spe))) if float(s.epochs) > 0 else 0
+        from bench.training import as_recipe, schedule_units
+        recipe = as_recipe(epochs=float(s.epochs), batch_size=bs, lr=float(s.lr), weight_decay=float(s.weight_decay),
+                           weight_decay_groups="all", schedule="poly", poly_power=1.0, min_lr=0.0,  # linear decay to 0
+                           warmup_epochs=0, clip_grad=float(o.max_grad_norm) or None, precision=s.precision)
+        total = schedule_units(recipe, spe)[0]   # the loop's own count of optimizer steps
         warm_frac = float(s.lagrangian_warmup if s.lagrangian_warmup is not None else (0.2 if p > 0.6 else 0.1))
         warmup = max(1, int(round(warm_frac * total)))
         vib_lr = float(s.vib_lr if s.vib_lr is not None else (0.1 if p > 0.5 else 0.05))
@@ -557,9 +561,9 @@ class VTrans(Method):
                                          f"while its weights train sharded elsewhere; set selection: none or run "
                                          f"phase 1 without --sharding fsdp")
                     from bench.sharding import ShardedTwin
-                    teacher["twin"] = ShardedTwin(teacher["copy"], adapter, device, [], phase=f"{self.name} teacher",
-                                                  forward_only=True)
-                    teacher["net"] = teacher["twin"].module.eval()
+                    # only the sharded module is kept: the twin's pairs would hold the CPU copy alive
+                    teacher["net"] = ShardedTwin(teacher["copy"], adapter, device, [], phase=f"{self.name} teacher",
+                                                 forward_only=True).module.eval()
                 teacher["copy"] = None
             with torch.no_grad():
                 return task.forward(teacher["net"], batch, device, output_hidden_states=use_hidden)
@@ -638,11 +642,7 @@ class VTrans(Method):
 
         t0 = time.perf_counter()
         try:
-            stats = ctx.train(model, epochs=float(s.epochs), batch_size=bs, lr=float(s.lr),
-                              weight_decay=float(s.weight_decay), weight_decay_groups="all",
-                              schedule="poly", poly_power=1.0, min_lr=0.0, warmup_epochs=0,  # linear decay to 0
-                              clip_grad=float(o.max_grad_norm) or None, precision=s.precision,
-                              batch_loss=batch_loss, extra_loss=kl_and_lagrangian,
+            stats = ctx.train(model, recipe=recipe, batch_loss=batch_loss, extra_loss=kl_and_lagrangian,
                               extra_params=list(transform.parameters()),
                               clip_tensors=lambda: list(vib.parameters()) + [lam],
                               sync_tensors=lambda: list(vib.parameters()) + [lam],
